@@ -1,0 +1,212 @@
+"""The ``nodegraph`` command line.
+
+    nodegraph run GRAPH [--set NODE.INPUT=VALUE]... [--out DIR] [--cache-dir DIR] [--device auto|cpu|cuda|cuda:N]
+                        [--output NAME]... [--plugins DIR]... [--input-root DIR] [--json]
+    nodegraph validate GRAPH [--set ...] [--json]
+    nodegraph nodes [--json]
+    nodegraph schema
+
+Exit codes: 0 ok; 2 invalid graph, unreadable JSON or bad ``--set`` (nothing executed); 1 failure while running.
+With ``--json`` stdout holds exactly one JSON object; progress goes to stderr, as bars when it is a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import Cancelled, GraphValidationError, Issue, NodeExecutionError
+from .events import Event
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+class ProgressPrinter:
+    """Turns events into a one-line progress display on a terminal (stderr), or nothing otherwise."""
+
+    def __init__(self, stream=sys.stderr, enabled: bool | None = None):
+        self.stream = stream
+        self.enabled = stream.isatty() if enabled is None else enabled
+        self._last = 0.0
+
+    def __call__(self, event: Event) -> None:
+        if not self.enabled:
+            return
+        if event.kind == "progress" and event.data.get("total"):
+            now = time.monotonic()
+            done, total = event.data["done"], event.data["total"]
+            if done < total and now - self._last < 0.05:
+                return
+            self._last = now
+            width = 30
+            filled = int(width * done / total)
+            bar = "#" * filled + "-" * (width - filled)
+            self.stream.write(f"\r{event.node} [{bar}] {done}/{total}\x1b[K")
+            if done >= total:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif event.kind in ("started", "cached"):
+            verb = "running" if event.kind == "started" else "cached "
+            self.stream.write(f"\r{verb} {event.node}\x1b[K\n")
+            self.stream.flush()
+        elif event.kind == "failed":
+            self.stream.write(f"\rfailed  {event.node}\x1b[K\n")
+
+
+def _parse_sets(items: Sequence[str]) -> tuple[dict[str, Any], list[Issue]]:
+    from .validate import parse_set
+
+    overrides: dict[str, Any] = {}
+    issues: list[Issue] = []
+    for item in items:
+        try:
+            node, name, value = parse_set(item)
+        except ValueError as exc:
+            issues.append(Issue("bad_override", str(exc)))
+            continue
+        overrides[f"{node}.{name}"] = value
+    return overrides, issues
+
+
+def _print_invalid(issues: list[Issue], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"ok": False, "errors": [i.to_json() for i in issues]}))
+    else:
+        print(f"invalid graph: {len(issues)} problem(s)", file=sys.stderr)
+        for issue in issues:
+            print(f"  {issue}", file=sys.stderr)
+    return EXIT_INVALID
+
+
+def _engine(args: argparse.Namespace):
+    from .engine import Engine
+
+    return Engine(device=args.device, cache_dir=args.cache_dir, plugin_dirs=args.plugins,
+                  input_root=args.input_root, output_root=args.out)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    overrides, issues = _parse_sets(args.set)
+    engine = _engine(args)
+    result = engine.validate(args.graph, overrides)
+    issues = issues + result.issues
+    if issues:
+        return _print_invalid(issues, args.json)
+    if args.json:
+        print(json.dumps({"ok": True, "errors": []}))
+    else:
+        print(f"ok: {args.graph}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .outputs import write_outputs
+
+    overrides, issues = _parse_sets(args.set)
+    if issues:
+        return _print_invalid(issues, args.json)
+    try:
+        engine = _engine(args)
+    except RuntimeError as exc:
+        return _print_invalid([Issue("bad_device", str(exc))], args.json)
+    printer = ProgressPrinter()
+    try:
+        result = engine.run(args.graph, overrides, outputs=args.output or None, on_event=printer)
+    except GraphValidationError as exc:
+        return _print_invalid(exc.issues, args.json)
+    except (NodeExecutionError, Cancelled) as exc:
+        payload = exc.to_json() if isinstance(exc, NodeExecutionError) else {"code": "cancelled", "message": str(exc)}
+        if args.json:
+            print(json.dumps({"ok": False, "error": payload}))
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    graph_json = result.graph.to_json(separators=(",", ":"))
+    try:
+        files = write_outputs(result.outputs, result.output_types, args.out, graph_json)
+    except OSError as exc:
+        print(f"error: cannot write outputs to {args.out!r}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    report = result.report.to_json()
+    if args.json:
+        print(json.dumps({"outputs": files, **report}))
+    else:
+        for name, paths in files.items():
+            print(f"{name}: {', '.join(paths) if paths else '(not a file value)'}")
+        print(f"executed {len(report['executed'])}, cached {len(report['cached'])}, "
+              f"{report['seconds']['total']:.2f} s", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    registry = Engine(device="cpu", plugin_dirs=args.plugins).registry
+    if args.json:
+        print(json.dumps({
+            "nodes": [d.schema() for d in registry],
+            "failures": [f.to_json() for f in registry.failures],
+        }))
+    else:
+        by_cat: dict[str, list] = {}
+        for d in registry:
+            by_cat.setdefault(d.category, []).append(d)
+        for cat in sorted(by_cat):
+            print(f"[{cat}]")
+            for d in by_cat[cat]:
+                ins = ", ".join(f"{n}: {i.type}" + ("" if i.required else "?") for n, i in d.inputs.items())
+                outs = ", ".join(f"{n}: {t}" for n, t in d.outputs.items())
+                print(f"  {d.type_id} {d.version}  ({ins}) -> ({outs})  [{d.pack}]")
+        for f in registry.failures:
+            print(f"FAILED pack {f.pack} ({f.source}): {f.error}")
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .graph import graph_json_schema
+
+    print(json.dumps(graph_json_schema(), indent=2))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nodegraph", description="Run generative-model pipelines written as JSON graphs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--plugins", action="append", default=[], metavar="DIR", help="extra node-pack folder")
+
+    for name in ("run", "validate"):
+        sp = sub.add_parser(name, help=f"{name} a graph")
+        sp.add_argument("graph", help="graph file (.json or .msgpack)")
+        sp.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                        help="override a literal input (VALUE is JSON, or a plain string)")
+        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        sp.add_argument("--device", default="auto", help="default device: auto, cpu, cuda, cuda:N")
+        sp.add_argument("--cache-dir", default=None, help="disk cache folder (reused across runs)")
+        sp.add_argument("--out", default="out", help="output folder (file outputs go here)")
+        sp.add_argument("--input-root", default=".", help="folder that file-reading nodes are confined to")
+        sp.add_argument("--output", action="append", default=[], metavar="NAME", help="only compute this output")
+        common(sp)
+        sp.set_defaults(fn=cmd_run if name == "run" else cmd_validate)
+    sp = sub.add_parser("nodes", help="list node types")
+    sp.add_argument("--json", action="store_true")
+    common(sp)
+    sp.set_defaults(fn=cmd_nodes)
+    sp = sub.add_parser("schema", help="print the graph JSON Schema")
+    sp.set_defaults(fn=cmd_schema)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "out"):
+        args.out = str(Path(args.out))
+    return args.fn(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

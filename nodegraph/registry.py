@@ -1,0 +1,235 @@
+"""The node registry and plugin discovery.
+
+Node packs come from three places, all loaded the same way:
+
+* the ``nodegraph.nodes`` entry-point group (the built-in ``nodes/`` library registers here too, exactly like a
+  third-party pack; nothing in ``nodegraph/`` imports it),
+* plugin folders given by the ``--plugins`` CLI flag, the ``NODEGRAPH_PLUGIN_PATH`` environment variable
+  (``os.pathsep``-separated) or the ``plugin_dirs`` API argument: each ``*.py`` file and each package folder is
+  a pack, each ``*.json`` file holding a graph-defined node type is registered under the folder's name,
+* :meth:`Registry.add_module` / :meth:`Registry.add` from Python.
+
+A pack object is either a callable ``register(registry, pack_name)`` or a module whose attributes decorated with
+:func:`nodegraph.node` are collected (plus an optional ``GRAPH_NODES`` list of JSON paths or dicts).
+
+Policy: a pack that fails to import or register is recorded in :attr:`Registry.failures` (pack name + error)
+and the other packs still load; a pack is added all-or-nothing; a duplicate type id is an error naming both
+packs. The registry is the only state Engines share; it is read-only once loaded (loading is locked).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterable
+
+from . import types as T
+from .errors import PluginError
+from .graph import Subgraph
+from .node import InputDef, NodeDef, _adapter_for, parse_semver
+
+ENTRY_POINT_GROUP = "nodegraph.nodes"
+PLUGIN_PATH_ENV = "NODEGRAPH_PLUGIN_PATH"
+
+
+@dataclass(frozen=True)
+class PackFailure:
+    """A node pack that could not be loaded."""
+
+    pack: str
+    source: str
+    error: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"pack": self.pack, "source": self.source, "error": self.error}
+
+
+class Registry:
+    """Maps node type ids to :class:`NodeDef` and remembers which pack each came from."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, NodeDef] = {}
+        self.packs: dict[str, list[str]] = {}
+        self.failures: list[PackFailure] = []
+        self._lock = threading.RLock()
+
+    # -- lookup ------------------------------------------------------------------------------------------
+    def get(self, type_id: str) -> NodeDef | None:
+        return self._nodes.get(type_id)
+
+    def __contains__(self, type_id: str) -> bool:
+        return type_id in self._nodes
+
+    def __iter__(self):
+        return iter(sorted(self._nodes.values(), key=lambda d: d.type_id))
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def type_ids(self) -> list[str]:
+        return sorted(self._nodes)
+
+    # -- adding ------------------------------------------------------------------------------------------
+    def add(self, defs: NodeDef | Iterable[NodeDef], pack: str = "<api>") -> None:
+        """Add node definitions as one pack, all or nothing. Raises PluginError on a duplicate id."""
+        batch = [defs] if isinstance(defs, NodeDef) else list(defs)
+        with self._lock:
+            seen: dict[str, NodeDef] = {}
+            for d in batch:
+                other = self._nodes.get(d.type_id) or seen.get(d.type_id)
+                if other is not None:
+                    raise PluginError(
+                        f"duplicate node type {d.type_id!r}: defined by pack {other.pack!r} and by pack {pack!r}"
+                    )
+                seen[d.type_id] = d
+            for d in batch:
+                d.pack = pack
+                self._nodes[d.type_id] = d
+            self.packs.setdefault(pack, []).extend(d.type_id for d in batch)
+
+    def add_module(self, module: ModuleType, pack: str | None = None) -> None:
+        """Register every decorated function of a module (and its ``GRAPH_NODES``) as one pack."""
+        pack = pack or module.__name__
+        defs = [obj.__node_def__ for obj in vars(module).values() if hasattr(obj, "__node_def__")]
+        base = Path(getattr(module, "__file__", "") or ".").parent
+        for item in getattr(module, "GRAPH_NODES", ()):
+            defs.append(graph_node_def(_read_json(base / item) if isinstance(item, (str, Path)) else item))
+        self.add(defs, pack)
+
+    def add_graph_node(self, definition: dict[str, Any] | str | Path, pack: str = "<api>") -> NodeDef:
+        """Register a graph-defined node type from a dict or a JSON file."""
+        data = _read_json(Path(definition)) if isinstance(definition, (str, Path)) else definition
+        d = graph_node_def(data)
+        self.add(d, pack)
+        return d
+
+    def load_pack(self, name: str, loader, source: str) -> bool:
+        """Run ``loader()`` to get a pack object and register it; record a failure instead of raising."""
+        try:
+            obj = loader()
+            if isinstance(obj, ModuleType):
+                self.add_module(obj, name)
+            elif callable(obj):
+                before = set(self._nodes)
+                staging = Registry()
+                obj(staging, name) if _takes_two(obj) else obj(staging)
+                added = [staging._nodes[t] for t in sorted(set(staging._nodes) - before)]
+                self.add(added, name)
+            else:
+                raise PluginError(f"entry point resolved to {type(obj).__name__}, expected a module or callable")
+            return True
+        except Exception as exc:  # noqa: BLE001 - a broken pack must not stop the others
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            self.failures.append(PackFailure(name, source, detail))
+            return False
+
+    def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
+        for ep in sorted(metadata.entry_points(group=group), key=lambda e: e.name):
+            self.load_pack(ep.name, ep.load, f"entry point {ep.value}")
+
+    def load_folder(self, folder: str | Path) -> None:
+        """Load every ``*.py`` file, package folder and graph-node ``*.json`` file of a plugin folder."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            self.failures.append(PackFailure(folder.name, str(folder), "plugin folder does not exist"))
+            return
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith((".", "_")):
+                continue
+            if path.suffix == ".py" or (path.is_dir() and (path / "__init__.py").exists()):
+                self.load_pack(path.stem, lambda p=path: _import_path(p), str(path))
+            elif path.suffix == ".json":
+                self.load_pack(f"{folder.name}/{path.stem}", lambda p=path: _graph_pack(p), str(path))
+
+    @classmethod
+    def discover(cls, plugin_dirs: Iterable[str | Path] = (), *, entry_points: bool = True) -> "Registry":
+        """A registry with the entry-point packs, the env-var folders and ``plugin_dirs`` loaded."""
+        reg = cls()
+        if entry_points:
+            reg.load_entry_points()
+        env = [p for p in os.environ.get(PLUGIN_PATH_ENV, "").split(os.pathsep) if p]
+        for folder in [*env, *plugin_dirs]:
+            reg.load_folder(folder)
+        return reg
+
+
+def _takes_two(fn) -> bool:
+    import inspect
+
+    try:
+        return len(inspect.signature(fn).parameters) >= 2
+    except (TypeError, ValueError):
+        return False
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _graph_pack(path: Path):
+    def register(reg: Registry) -> None:
+        reg.add_graph_node(path)
+
+    return register
+
+
+def _import_path(path: Path) -> ModuleType:
+    init = path / "__init__.py" if path.is_dir() else path
+    name = f"nodegraph_plugins.{path.stem}"
+    spec = importlib.util.spec_from_file_location(
+        name, init, submodule_search_locations=[str(path)] if path.is_dir() else None
+    )
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import plugin {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def graph_node_def(data: dict[str, Any]) -> NodeDef:
+    """Build a :class:`NodeDef` whose implementation is a subgraph with declared inputs and outputs."""
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        raise PluginError("a graph-defined node needs a string 'type'")
+    meta_keys = {"type", "version", "category", "description", "output_types"}
+    sub = Subgraph.model_validate({k: v for k, v in data.items() if k not in meta_keys})
+    version = str(data.get("version", "1.0.0"))
+    parse_semver(version)
+    inputs: dict[str, InputDef] = {}
+    for name, decl in sub.inputs.items():
+        ptype = T.parse_type(decl.type)
+        required = not decl.optional and decl.default is None
+        inputs[name] = InputDef(name, ptype, required, decl.default, decl.description, _adapter_for(
+            _PY_BY_NAME.get(ptype.name, Any), None, ptype))
+    declared = data.get("output_types") or {}
+    outputs = {name: T.parse_type(declared.get(name, "Any")) for name in sub.outputs}
+    return NodeDef(
+        type_id=data["type"],
+        version=version,
+        fn=None,
+        inputs=inputs,
+        outputs=outputs,
+        category=str(data.get("category", "graph")),
+        description=str(data.get("description", "")),
+        kind="graph",
+        subgraph=sub,
+        single_output=False,
+        extra={"output_types_declared": bool(declared), "definition": data},
+    )
+
+
+_PY_BY_NAME = {"Int": int, "Float": float, "Bool": bool, "String": str, "List": list, "Dict": dict}

@@ -1,0 +1,12 @@
+"""The built-in node library. It registers through the ``nodegraph.nodes`` entry point like any third-party pack."""
+
+from __future__ import annotations
+
+import importlib
+
+MODULES = ("nodes.core",)
+
+
+def register(registry, pack: str = "builtin") -> None:
+    for name in MODULES:
+        registry.add_module(importlib.import_module(name), pack)
