@@ -123,8 +123,8 @@ class DiskCache:
             if mp.exists():
                 value = unpackb(mp.read_bytes())
                 return value if isinstance(value, dict) else MISSING
-        except (OSError, SerializationError, ValueError, RuntimeError):
-            return MISSING  # a damaged entry is a miss; the step runs again and rewrites it
+        except Exception:  # noqa: BLE001 - any damaged entry (safetensors raises its own error type) is a miss;
+            return MISSING  # the step runs again and rewrites it
         return MISSING
 
     def put(self, key: str, outputs: dict[str, Any]) -> bool:
@@ -174,9 +174,9 @@ class Cache:
                 return value, "disk"
         return MISSING, ""
 
-    def put(self, key: str, outputs: dict[str, Any]) -> None:
+    def put(self, key: str, outputs: dict[str, Any], *, rewrite: bool = False) -> None:
         self.memory.put(key, outputs)
-        if self.disk is not None and key not in self.disk:
+        if self.disk is not None and (rewrite or key not in self.disk):
             self.disk.put(key, outputs)
 
     def evict(self, key: str) -> None:

@@ -6,8 +6,8 @@ inherit the enclosing node's device unless they pin their own.
 
 Transfers happen at edges only: before a step runs, tensors among its inputs (also inside lists, tuples and
 dicts) that live on another device are copied to the step's device; tensors already there are passed as they
-are. Models (``torch.nn.Module``) are not copied at edges: they are made resident through the
-:class:`ResidencyManager`.
+are. Models (``torch.nn.Module``, or wrappers listing their networks in ``__nodegraph_modules__()``) are not
+copied at edges: they are made resident through the :class:`ResidencyManager` and pinned while the step runs.
 
 Residency policy: the manager knows every model a run has produced and charges each one its parameter and
 buffer bytes on the device it lives on. ``acquire(model, device)`` moves the model there, first offloading
@@ -19,6 +19,7 @@ later run loads them again on demand. Models in use by a running step are pinned
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from collections import OrderedDict
@@ -30,7 +31,11 @@ import torch
 
 def resolve_device(name: str | None, default: str = "auto") -> torch.device:
     """``auto`` -> cuda if available else cpu; ``cuda`` / ``cuda:N`` / ``cpu`` as given (validated)."""
-    name = (name or default or "auto").strip()
+    return _resolve((name or default or "auto").strip())
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)

@@ -75,6 +75,15 @@ class RunState:
     failure: BaseException | None = None
 
 
+def modules_in(value: Any) -> list[torch.nn.Module]:
+    """Models a value carries: itself if it is a module, or what its ``__nodegraph_modules__()`` lists (wrappers
+    such as guidance or ControlNet expose the networks they call this way, so each is charged once)."""
+    if isinstance(value, torch.nn.Module):
+        return [value]
+    hook = getattr(value, "__nodegraph_modules__", None)
+    return list(hook()) if callable(hook) else []
+
+
 def synchronous_submit(fn: Callable[[], None]) -> None:
     fn()
 
@@ -240,7 +249,7 @@ class LocalExecutor:
         for value in outputs.values():
             if isinstance(value, torch.nn.Module):
                 self.residency.register(value, on_drop=lambda k=step.key: self.cache.evict(k))
-        self.cache.put(step.key, outputs)
+        self.cache.put(step.key, outputs, rewrite=True)  # it ran, so any disk entry was missing or damaged
 
     # -- one step -----------------------------------------------------------------------------------------
     def _execute(self, step: Step, inputs: dict[str, Any], wanted: set[str], cancel: CancelToken | None):
@@ -251,10 +260,10 @@ class LocalExecutor:
             ctx = self.context(step, cancel, device)
             inputs = {k: move_to(v, device) for k, v in inputs.items()}
             for value in inputs.values():
-                if isinstance(value, torch.nn.Module):
-                    self.residency.acquire(value, device)
-                    self.residency.pin(value)
-                    pinned.append(value)
+                for module in modules_in(value):
+                    self.residency.acquire(module, device)
+                    self.residency.pin(module)
+                    pinned.append(module)
             with grad_mode(step.grad):
                 if step.grad:
                     inputs = {k: (v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v)

@@ -175,8 +175,7 @@ def _loop_step(cn: CheckedNode, sid: str, inputs: dict[str, Source], device: str
     body_steps: dict[str, Step] = {}
     body_outputs = _flatten(cn.body, body_env, sid + "/", device, body_steps)
     order = _toposort(body_steps)
-    options = {k: literal_value(v) for k, v in cn.spec.inputs.items()
-               if k in LOOP_OPTIONS and not isinstance(inputs[k], (Ref, Arg))}
+    options = {k: src.value for k, src in inputs.items() if k in LOOP_OPTIONS and isinstance(src, Const)}
     loop_inputs = {k: v for k, v in inputs.items() if k not in options}
     for name, decl in body_spec.inputs.items():
         if name not in loop_inputs:

@@ -73,6 +73,12 @@ class PortType:
         new = tuple((k, bindings.get(v.name, v) if isinstance(v, Var) else v) for k, v in self.params)
         return PortType(self.name, new, self.choices)
 
+    def unbind(self) -> "PortType":
+        """Replace type variables left unbound by ``None`` (unconstrained)."""
+        if not any(isinstance(v, Var) for _, v in self.params):
+            return self
+        return PortType(self.name, tuple((k, None if isinstance(v, Var) else v) for k, v in self.params), self.choices)
+
     def __str__(self) -> str:
         shown = [f"{k}={v!r}" for k, v in self.params if v is not None]
         return f"{self.name}({', '.join(shown)})" if shown else self.name
@@ -110,8 +116,8 @@ Conditioning = _t("Conditioning", dim=None)
 Mesh = _t("Mesh")
 File = _t("File")  # a path to a file a node wrote (inside the output root)
 # Model handles.
-Denoiser = _t("Denoiser", space=None)
-VAE = _t("VAE", space=None)
+Denoiser = _t("Denoiser", space=None, channels=None, context_dim=None)
+VAE = _t("VAE", space=None, channels=None)
 TextEncoder = _t("TextEncoder", dim=None)
 ControlNet = _t("ControlNet", space=None)
 Model = _t("Model")

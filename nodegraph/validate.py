@@ -233,9 +233,14 @@ class _Checker:
             self.err("cycle", f"the graph has a cycle: {names}", prefix + cycle[0])
             if len(cyclic) > 200:
                 break
-        order = [n for n in nx.topological_sort(dag)] if not cyclic else sorted(nodes)
+        # Nodes on a cycle are checked without types first (so their outputs are known); the acyclic rest is
+        # then checked in topological order with full type inference.
+        for nid in sorted(cyclic):
+            self.node(checked[nid], checked, inputs, prefix, typed=False)
+        order = list(nx.topological_sort(dag.subgraph(n for n in nodes if n not in cyclic)))
         for nid in order:
-            self.node(checked[nid], checked, inputs, prefix, typed=not cyclic)
+            self.node(checked[nid], checked, inputs, prefix, typed=True)
+        order = [*sorted(cyclic), *order]
         out_types: dict[str, T.PortType] = {}
         for name, ref in outputs.items():
             out_types[name] = self._output_ref(name, ref, checked, inputs, prefix)
@@ -326,7 +331,7 @@ class _Checker:
                 self.err("missing_input", f"required input {name!r} ({idef.type}) is not connected", nid, name)
             elif name not in spec.inputs and idef.adapter is not None:
                 cn.literals.setdefault(name, idef.default)
-        cn.output_types = {k: t.substitute(bindings) for k, t in defn.outputs.items()}
+        cn.output_types = {k: t.substitute(bindings).unbind() for k, t in defn.outputs.items()}
         if defn.kind == "graph":
             self.graph_node(cn, checked, inputs, prefix, bindings, typed)
         if defn.refine is not None and typed:
@@ -434,7 +439,9 @@ class _Checker:
             src = None
             if isinstance(value, (Link, InputRef)):
                 src = self._source_type(value, checked, inputs, prefix + cn.id, name)
-            types_in[name] = src if src is not None and idef.type.name == "Any" else idef.type.substitute(bindings)
+            # A concrete source type (e.g. Latent(space="sd15")) flows into the body, so parameters propagate.
+            use_src = src is not None and idef.type.name in ("Any", src.name)
+            types_in[name] = src if use_src else idef.type.substitute(bindings)
         # The body is checked in a scratch list: problems in a registered definition are reported once, on
         # the node that uses it, rather than once per inner node.
         inner: list[Issue] = []
@@ -442,8 +449,11 @@ class _Checker:
         cn.body = sub_checker.scope(sub.nodes, sub.outputs, types_in, prefix=prefix + cn.id + "/")
         for issue in inner:
             self.issues.append(issue)
-        if not defn.extra.get("output_types_declared"):
-            cn.output_types = dict(cn.body.output_types)
+        # Declared output types are the interface; inferred ones refine them when they agree (e.g. a space).
+        for name, inferred in cn.body.output_types.items():
+            declared = cn.output_types.get(name)
+            if declared is None or declared.name in ("Any", inferred.name):
+                cn.output_types[name] = inferred
 
 
 def _is_json(value: Any) -> bool:

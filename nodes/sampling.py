@@ -1,0 +1,197 @@
+"""Sampling nodes: noise schedules, one denoiser evaluation, guidance, and one node per sampler step.
+
+The sampling loop itself is a graph: the built-in samplers (``sample.euler`` ...) are graph-defined nodes in
+``nodes/samplers/*.json`` made of a ``loop`` over sigma pairs whose body is ``denoise`` + a step node. Open one,
+copy it into your graph as an explicit loop, and insert per-step nodes (inpaint blending, previews, ControlNet).
+
+All maths lives in :mod:`nodes.diffusion`; these functions only adapt it to typed ports.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+
+from nodegraph import Context, Field, node
+from nodegraph import types as T
+from nodegraph.types import Var
+
+from . import adapters
+from .diffusion import schedules, steps
+from .diffusion.math import append_zero
+
+S, C, D = Var("space"), Var("channels"), Var("dim")
+_M = T.Denoiser(space=S, channels=C, context_dim=D)
+Steps = Annotated[int, Field(ge=1, le=1000, description="number of sampling steps")]
+GRAPH_NODES = sorted(str(p) for p in (Path(__file__).parent / "samplers").glob("*.json"))
+SchedulerName = Literal["ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "flow_euler"]
+
+
+# -- schedules ---------------------------------------------------------------------------------------------
+
+
+@node("schedule.scheduler", category="schedule", output="sigmas")
+def scheduler_schedule(
+    model: T.Denoiser, steps: Steps = 20, scheduler: SchedulerName = "euler",
+    spacing: Literal["default", "leading", "trailing", "linspace"] = "default",
+    spread: Literal["uniform", "karras", "exponential"] = "uniform",
+) -> T.Sigmas:
+    """The sigmas (ending in 0) that the matching diffusers scheduler would use for this model and step count."""
+    base = adapters.base_of(model)
+    if base.kind == "flow" or scheduler == "flow_euler":
+        if base.kind != "flow":
+            raise ValueError(f"flow_euler needs a flow-matching model; this one predicts {base.kind!r}")
+        return append_zero(schedules.flow_sigmas(steps))
+    train = adapters.schedule_of(base.info)
+    return schedules.scheduler_sigmas(scheduler, steps, train, spacing=None if spacing == "default" else spacing,
+                                      spread=spread)
+
+
+@node("schedule.karras", category="schedule", output="sigmas")
+def karras(steps: Steps = 20, sigma_min: Annotated[float, Field(gt=0)] = 0.0292,
+           sigma_max: Annotated[float, Field(gt=0)] = 14.6146, rho: Annotated[float, Field(gt=0)] = 7.0) -> T.Sigmas:
+    """Karras et al. 2022 sigmas (eq. 5), with a final 0."""
+    if sigma_min >= sigma_max:
+        raise ValueError(f"sigma_min ({sigma_min}) must be below sigma_max ({sigma_max})")
+    return append_zero(schedules.karras_sigmas(steps, sigma_min, sigma_max, rho))
+
+
+@node("schedule.exponential", category="schedule", output="sigmas")
+def exponential(steps: Steps = 20, sigma_min: Annotated[float, Field(gt=0)] = 0.0292,
+                sigma_max: Annotated[float, Field(gt=0)] = 14.6146) -> T.Sigmas:
+    """Sigmas evenly spaced in log-sigma, with a final 0."""
+    if sigma_min >= sigma_max:
+        raise ValueError(f"sigma_min ({sigma_min}) must be below sigma_max ({sigma_max})")
+    return append_zero(schedules.exponential_sigmas(steps, sigma_min, sigma_max))
+
+
+@node("schedule.flow", category="schedule", output="sigmas")
+def flow(steps: Steps = 20, shift: Annotated[float, Field(gt=0, le=100)] = 1.0) -> T.Sigmas:
+    """Rectified-flow times from 1 towards 0 with SD3-style shift, with a final 0."""
+    return append_zero(schedules.flow_sigmas(steps, shift))
+
+
+@node("schedule.truncate", category="schedule", output="sigmas")
+def truncate(sigmas: T.Sigmas, strength: Annotated[float, Field(ge=0, le=1)] = 0.6) -> T.Sigmas:
+    """Keep the last ``round(strength * steps)`` steps (img2img: denoise from part-way down the schedule)."""
+    n = len(sigmas) - 1
+    keep = int(round(strength * n))
+    return sigmas[n - keep:].clone() if keep > 0 else sigmas[-1:].clone()
+
+
+# -- model evaluation ----------------------------------------------------------------------------------------
+
+
+@node("denoise", category="sampling", output="denoised")
+def denoise(model: _M, x: T.Latent(space=S, channels=C), sigma: T.Any,
+            cond: T.Conditioning(dim=D) = None) -> T.Latent(space=S, channels=C):
+    """One denoiser evaluation: the model's x0 prediction for x at noise level sigma."""
+    if x.dim() != 4:
+        raise ValueError(f"a latent must be (B, C, H, W); got shape {tuple(x.shape)}")
+    return model(x, sigma, cond or {})
+
+
+@node("guidance.cfg", category="guidance", output="model")
+def cfg(model: _M, negative: T.Conditioning(dim=D),
+        scale: Annotated[float, Field(ge=0, le=100, description="guidance scale; 1 = no guidance")] = 5.0,
+        rescale: Annotated[float, Field(ge=0, le=1, description="guidance rescale phi (Lin et al. 2023)")] = 0.0,
+        mode: Literal["batched", "sequential"] = "batched") -> _M:
+    """Classifier-free guidance around a denoiser (negative prompt, rescale, batched or sequential)."""
+    return adapters.Guided(model, negative, scale, rescale, mode)
+
+
+@node("noise.step", category="sampling", output="noise")
+def step_noise(like: T.Tensor, seed: Annotated[int, Field(ge=0)] = 0, index: Annotated[int, Field(ge=0)] = 0) -> T.Noise:
+    """Standard-normal noise for one sampler step, from (seed, index) on CPU: the same on every device."""
+    gen = torch.Generator("cpu").manual_seed((seed * 1_000_003 + index) % (2**63))
+    return torch.randn(like.shape, generator=gen, dtype=torch.float32).to(like.device, like.dtype)
+
+
+# -- steps -------------------------------------------------------------------------------------------------
+
+_L = T.Latent(space=S)
+
+
+@node("step.euler", category="sampler step", output="x")
+def euler(x: _L, denoised: _L, sigma: T.Any, sigma_next: T.Any) -> _L:
+    """Euler step (Karras et al. 2022, Alg. 2); also DDIM with eta 0 and flow-matching Euler."""
+    return steps.euler_step(x, denoised, sigma, sigma_next)
+
+
+@node("step.flow_euler", category="sampler step", output="x")
+def flow_euler(x: _L, denoised: _L, sigma: T.Any, sigma_next: T.Any) -> _L:
+    """Flow-matching Euler step (Liu et al. 2022; Esser et al. 2024)."""
+    return steps.flow_euler_step(x, denoised, sigma, sigma_next)
+
+
+@node("step.euler_ancestral", category="sampler step", output="x")
+def euler_ancestral(x: _L, denoised: _L, sigma: T.Any, sigma_next: T.Any, noise: T.Noise,
+                    eta: Annotated[float, Field(ge=0, le=1)] = 1.0) -> _L:
+    """Euler ancestral step (k-diffusion; Song et al. 2021)."""
+    return steps.euler_ancestral_step(x, denoised, sigma, sigma_next, noise, eta)
+
+
+@node("step.ddpm", category="sampler step", output="x")
+def ddpm(x: _L, denoised: _L, sigma: T.Any, sigma_next: T.Any, noise: T.Noise) -> _L:
+    """DDPM ancestral posterior sample (Ho et al. 2020)."""
+    return steps.ddpm_step(x, denoised, sigma, sigma_next, noise)
+
+
+@node("step.ddim", category="sampler step", output="x")
+def ddim(x: _L, denoised: _L, sigma: T.Any, sigma_next: T.Any, noise: T.Noise = None,
+         eta: Annotated[float, Field(ge=0, le=1)] = 0.0) -> _L:
+    """DDIM step with eta (Song et al. 2021)."""
+    return steps.ddim_step(x, denoised, sigma, sigma_next, eta, noise)
+
+
+@node("step.heun", category="sampler step", output="x")
+def heun(model: T.Denoiser(space=S), x: _L, denoised: _L, sigma: T.Any, sigma_next: T.Any,
+         cond: T.Conditioning = None) -> _L:
+    """Heun 2nd-order step (Karras et al. 2022, Alg. 1): evaluates the model once more at sigma_next."""
+    x_pred = steps.euler_step(x, denoised, sigma, sigma_next)
+    if float(sigma_next) == 0.0:
+        return x_pred
+    return steps.heun_step(x, denoised, sigma, sigma_next, model(x_pred, sigma_next, cond or {}))
+
+
+@node("step.dpmpp_2m", category="sampler step")
+def dpmpp_2m(x: _L, denoised: _L, sigma: T.Any, sigma_next: T.Any,
+             history: T.Any = None) -> {"x": _L, "history": T.Any}:
+    """DPM-Solver++(2M) step (Lu et al. 2022); carries the previous x0 prediction as history."""
+    x_next, hist = steps.dpmpp_2m_step(x, denoised, sigma, sigma_next, history)
+    return {"x": x_next, "history": hist}
+
+
+@node("latent.add_noise", category="latent", output="latent")
+def add_noise(model: T.Denoiser(space=S), latent: T.Latent(space=S), noise: T.Noise, sigmas: T.Sigmas) -> T.Latent(space=S):
+    """Noise a latent to the first sigma of a schedule (txt2img from a zero latent, img2img from an encoded one)."""
+    if noise.shape != latent.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} differs from latent shape {tuple(latent.shape)}")
+    sigma = sigmas[0].to(latent.device, latent.dtype)
+    if adapters.base_of(model).kind == "flow":
+        return (1 - sigma) * latent + sigma * noise.to(latent)
+    return latent + sigma * noise.to(latent)
+
+
+@node("latent.inpaint_blend", category="latent", output="x")
+def inpaint_blend(model: T.Denoiser(space=S), x: T.Latent(space=S), original: T.Latent(space=S), mask: T.Mask,
+                  noise: T.Noise, sigma_next: T.Any) -> T.Latent(space=S):
+    """Inside a sampler loop: keep generating where mask is 1, put back the original (noised to sigma_next) where 0."""
+    if mask.shape[-2:] != x.shape[-2:]:
+        mask = torch.nn.functional.interpolate(mask.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    mask = mask.to(x.device, x.dtype)
+    s = torch.as_tensor(sigma_next, dtype=x.dtype, device=x.device)
+    if adapters.base_of(model).kind == "flow":
+        known = (1 - s) * original + s * noise.to(x)
+    else:
+        known = original + s * noise.to(x)
+    return mask * x + (1 - mask) * known
+
+
+@node("sampling.progress_preview", category="sampling", output="x")
+def preview(x: T.Latent(space=S), ctx: Context) -> T.Latent(space=S):
+    """Pass a latent through unchanged and publish it as a preview event (insert into a sampler body)."""
+    ctx.preview(x)
+    return x
