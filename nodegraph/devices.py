@@ -94,7 +94,7 @@ class _Entry:
     ref: weakref.ref
     nbytes: int
     device: str
-    on_drop: Callable[[], None] | None
+    on_drop: list[Callable[[], None]]
     pins: int = 0
 
 
@@ -103,7 +103,8 @@ class ResidencyManager:
 
     def __init__(self, budgets: dict[str, int] | None = None, offload_device: str = "cpu",
                  mover: Callable[[torch.nn.Module, torch.device], None] | None = None):
-        self.budgets = {k: int(v) for k, v in (budgets or {}).items()}
+        # Budgets are keyed like devices ("cpu", "cuda:0"); a plain "cuda" means the current CUDA device.
+        self._budget_spec = {k: int(v) for k, v in (budgets or {}).items()}
         self.offload_device = torch.device(offload_device)
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # LRU order, keyed by id(module)
         self._lock = threading.RLock()
@@ -111,16 +112,28 @@ class ResidencyManager:
         self.moves: list[tuple[str, str, str]] = []  # (module class, from, to), for reports and tests
         self.drops = 0
 
+    @property
+    def budgets(self) -> dict[str, int]:
+        out = {}
+        for key, value in self._budget_spec.items():
+            if key == "cuda":
+                try:
+                    key = f"cuda:{torch.cuda.current_device()}"
+                except (RuntimeError, AssertionError):  # no CUDA here: the budget has nothing to apply to
+                    pass
+            out.setdefault(key, value)
+        return out
+
     # -- bookkeeping -------------------------------------------------------------------------------------
     def register(self, module: torch.nn.Module, on_drop: Callable[[], None] | None = None) -> None:
         with self._lock:
             key = id(module)
             if key in self._entries and self._entries[key].ref() is module:
-                if on_drop is not None:
-                    self._entries[key].on_drop = on_drop
+                if on_drop is not None:  # every holder (e.g. each cache entry) is told when it is dropped
+                    self._entries[key].on_drop.append(on_drop)
                 return
             self._entries[key] = _Entry(weakref.ref(module), module_bytes(module),
-                                        _dev_key(module_device(module)), on_drop)
+                                        _dev_key(module_device(module)), [on_drop] if on_drop else [])
             self._enforce(self._entries[key].device, keep=key)
 
     def used(self, device: str | torch.device) -> int:
@@ -209,5 +222,5 @@ class ResidencyManager:
         # Already on the offload device and it is over budget: forget the model; its loader runs again.
         del self._entries[key]
         self.drops += 1
-        if entry.on_drop is not None:
-            entry.on_drop()
+        for callback in entry.on_drop:
+            callback()

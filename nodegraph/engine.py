@@ -2,7 +2,7 @@
 
     from nodegraph import Engine
     engine = Engine(device="auto", cache_dir=".cache/nodegraph")
-    result = engine.run("graphs/txt2img.json", overrides={"prompt.text": "a red circle"}, outputs=["image"])
+    result = engine.run("graphs/noisy_gradient.json", overrides={"noise.seed": 2}, outputs=["image"])
     image = result.outputs["image"]; print(result.report.executed, result.report.cached)
 
 State and threads: an Engine owns its cache, residency manager, event bus and executor; two Engines in one
@@ -43,15 +43,14 @@ def default_registry() -> Registry:
 
 def load_graph_source(source: Any) -> Any:
     """Accept a Graph, a dict, JSON text/bytes, or a path to a ``.json`` / ``.msgpack`` file."""
-    if isinstance(source, (Graph, dict, bytes, bytearray)):
-        return source
-    if isinstance(source, str) and source.lstrip().startswith("{"):
-        return source
+    if not isinstance(source, (str, Path)) or (isinstance(source, str) and source.lstrip().startswith("{")):
+        return source  # a Graph, dict, JSON text or bytes; anything else is reported by validation as bad_graph
     path = Path(source)
     try:
         data = path.read_bytes()
-    except OSError as exc:
-        raise GraphValidationError([Issue("bad_json", f"cannot read graph file {str(path)!r}: {exc.strerror}")])
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise GraphValidationError([Issue("bad_json", f"cannot read graph file {str(path)!r}: {reason}")])
     if path.suffix == ".msgpack":
         from .serialize import SerializationError, unpackb
 
@@ -87,17 +86,9 @@ class Engine:
         plugin_dirs: list[str | Path] | tuple = (),
         max_workers: int | None = None,
     ):
-        if registry is None:
-            registry = default_registry()
-            if plugin_dirs:
-                extra = Registry()
-                extra._nodes.update(registry._nodes)
-                extra.packs.update({k: list(v) for k, v in registry.packs.items()})
-                extra.failures.extend(registry.failures)
-                for folder in plugin_dirs:
-                    extra.load_folder(folder)
-                registry = extra
-        elif plugin_dirs:
+        registry = default_registry() if registry is None else registry
+        if plugin_dirs:  # extend a copy: the registry handed in (or the shared default) is never changed
+            registry = registry.copy()
             for folder in plugin_dirs:
                 registry.load_folder(folder)
         self.registry = registry
@@ -126,13 +117,20 @@ class Engine:
         return result
 
     def _device_issues(self, result: ValidationResult) -> list[Issue]:
+        """Device pins that cannot be honoured here, in the graph and inside loop bodies / graph-defined nodes."""
         issues = []
-        for nid, cn in result.scope.nodes.items():
-            if cn.spec.device is not None:
-                try:
-                    resolve_device(cn.spec.device, self.device)
-                except (RuntimeError, ValueError) as exc:
-                    issues.append(Issue("bad_device", str(exc), nid, None))
+
+        def walk(scope: Any, prefix: str) -> None:
+            for nid, cn in scope.nodes.items():
+                if cn.spec.device is not None:
+                    try:
+                        resolve_device(cn.spec.device, self.device)
+                    except (RuntimeError, ValueError) as exc:
+                        issues.append(Issue("bad_device", str(exc), prefix + nid, None))
+                if cn.body is not None:
+                    walk(cn.body, f"{prefix}{nid}/")
+
+        walk(result.scope, "")
         return issues
 
     def plan(self, graph: Any, overrides: Mapping[str, Any] | None = None) -> tuple[Plan, ValidationResult]:

@@ -55,10 +55,12 @@ class RunReport:
     total_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
+        """``{"executed": [...], "cached": [...], "seconds": {"total": s, "nodes": {id: s}}}``."""
         return {
             "executed": list(self.executed),
             "cached": list(self.cached),
-            "seconds": {**{k: round(v, 6) for k, v in self.seconds.items()}, "total": round(self.total_seconds, 6)},
+            "seconds": {"total": round(self.total_seconds, 6),
+                        "nodes": {k: round(v, 6) for k, v in self.seconds.items()}},
         }
 
 
@@ -129,8 +131,8 @@ class LocalExecutor:
             src = plan.outputs[name]
             if isinstance(src, Ref):
                 wanted[src.step].add(src.output)
-        for step in plan.steps.values():
-            for src in step.inputs.values():
+        for sid in plan.needed(outputs):  # only consumers this run needs decide which outputs are wanted
+            for src in plan.steps[sid].inputs.values():
                 if isinstance(src, Ref):
                     wanted[src.step].add(src.output)
         cached: dict[str, dict[str, Any]] = {}
@@ -249,6 +251,8 @@ class LocalExecutor:
         for value in outputs.values():
             if isinstance(value, torch.nn.Module):
                 self.residency.register(value, on_drop=lambda k=step.key: self.cache.evict(k))
+        if step.defn is not None and not step.defn.cache and step.defn.fingerprint is None:
+            return  # impure and unfingerprinted: its key is never looked up again, so caching it only leaks
         self.cache.put(step.key, outputs, rewrite=True)  # it ran, so any disk entry was missing or damaged
 
     # -- one step -----------------------------------------------------------------------------------------

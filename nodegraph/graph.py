@@ -5,8 +5,8 @@ A graph::
     {
       "version": 1,
       "nodes": {
-        "noise":  {"type": "latent.noise", "inputs": {"seed": 1, "shape": [1, 4, 8, 8]}},
-        "scaled": {"type": "math.scale", "inputs": {"x": {"node": "noise", "output": "out"}, "factor": 0.5},
+        "noise":  {"type": "tensor.randn", "inputs": {"seed": 1, "shape": [1, 4, 8, 8]}},
+        "scaled": {"type": "tensor.affine", "inputs": {"x": {"node": "noise", "output": "out"}, "scale": 0.5},
                    "device": "cpu"}
       },
       "outputs": {"result": {"node": "scaled", "output": "out"}},
@@ -18,7 +18,7 @@ subgraph (loop body, graph-defined node) — a reference to a subgraph input ``{
 object that would look like a link is written ``{"literal": {...}}``.
 
 A ``loop`` node additionally carries a ``body`` subgraph; a graph-defined node type is a subgraph with
-declared ``inputs`` plus ``type``/``version`` metadata (see :mod:`nodegraph.subgraph`).
+declared ``inputs`` plus ``type``/``version`` metadata (see :func:`nodegraph.registry.graph_node_def`).
 
 Round trips: ``Graph.model_validate_json(g.model_dump_json())`` and the msgpack equivalents are lossless.
 """

@@ -14,12 +14,14 @@ A loop node in a graph::
       }
     }
 
-Options (literal or linked): ``over`` a sequence (tensor along dim 0, or list) or ``count`` an int; ``pairs``
-iterates over consecutive pairs (``item``, ``next_item``: ``len - 1`` iterations, what a sampler needs for
-sigma and sigma_next); ``grad`` runs the body with autograd (also implied when a body node declares
-``grad=True``).
+Options: ``over`` a sequence (tensor along dim 0, or list) or ``count`` an int — either literal or linked;
+``pairs`` (literal) iterates over consecutive pairs (``item``, ``next_item``: ``len - 1`` iterations, what a
+sampler needs for sigma and sigma_next); ``grad`` (literal) runs the body with autograd (also implied when a
+body node declares ``grad=True``).
 
-The body sees its declared inputs plus implicit ``index``, ``item``, ``next_item`` and ``total``. A declared
+The body sees its declared inputs plus implicit ``index`` and ``total``, ``item`` when looping ``over`` a
+sequence, and ``next_item`` when ``pairs`` is true (validation rejects a body that uses one it will not get).
+Stacked per-iteration outputs are typed ``Tensor`` (one more leading dimension than the body output). A declared
 input with ``"carry": true`` is state: its initial value comes from the loop's input of that name (or its
 default, e.g. ``null`` for a sampler history) and each iteration's body output of the same name becomes the
 next value. The loop's outputs are the final carried values, plus every other body output stacked over the

@@ -21,6 +21,7 @@ function whose result joins its cache key.
 
 from __future__ import annotations
 
+import enum
 import inspect
 import re
 import typing
@@ -121,6 +122,7 @@ class InputDef:
     default: Any = None
     description: str = ""
     adapter: TypeAdapter | None = None  # validates literals; None for link-only ports
+    enum_cls: type | None = None  # an Enum annotation: literals are its values, the function gets members
 
     @property
     def link_only(self) -> bool:
@@ -163,7 +165,7 @@ class NodeDef:
     description: str = ""
     grad: bool = False
     cache: bool = True
-    fingerprint: Callable[[Mapping[str, Any]], Any] | None = None
+    fingerprint: Callable[[Mapping[str, Any], Context], Any] | None = None
     refine: Callable[[Mapping[str, Any]], Mapping[str, T.PortType]] | None = None
     ctx_param: str | None = None
     kind: str = "python"
@@ -173,6 +175,10 @@ class NodeDef:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def _enum_inputs(self) -> tuple[str, ...]:
+        return tuple(n for n, i in self.inputs.items() if i.enum_cls is not None)
+
+    @property
     def major(self) -> int:
         return parse_semver(self.version)[0]
 
@@ -180,6 +186,10 @@ class NodeDef:
         """Run the function and return its outputs as a dict keyed by output name."""
         if self.ctx_param is not None:
             kwargs = {**kwargs, self.ctx_param: ctx}
+        for name in self._enum_inputs:
+            value = kwargs.get(name)
+            if value is not None and not isinstance(value, self.inputs[name].enum_cls):
+                kwargs[name] = self.inputs[name].enum_cls(value)
         result = self.fn(**kwargs)  # type: ignore[misc]
         return self.wrap_result(result)
 
@@ -197,8 +207,8 @@ class NodeDef:
         raise TypeError(f"{self.type_id} must return a dict or a {len(names)}-tuple for outputs {names}")
 
     def schema(self) -> dict[str, Any]:
-        """The per-node JSON description (``nodegraph nodes --json``)."""
-        return {
+        """The per-node JSON description (``nodegraph nodes --json``); graph-defined nodes include their subgraph."""
+        out = {
             "type": self.type_id,
             "version": self.version,
             "category": self.category,
@@ -209,6 +219,9 @@ class NodeDef:
             "inputs": {n: i.json_schema() for n, i in self.inputs.items()},
             "outputs": {n: t.to_json() for n, t in self.outputs.items()},
         }
+        if self.kind == "graph":
+            out["graph"] = self.extra.get("definition")
+        return out
 
 
 def _adapter_for(annotation: Any, field_info: FieldInfo | None, ptype: T.PortType) -> TypeAdapter | None:
@@ -222,6 +235,9 @@ def _adapter_for(annotation: Any, field_info: FieldInfo | None, ptype: T.PortTyp
         base, *extra = typing.get_args(annotation)
         extra = [e for e in extra if not isinstance(e, T.PortType)]
         annotation = typing.Annotated[(base, *extra)] if extra else base
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        # JSON carries the enum's values; the function receives the Enum member (see NodeDef.call).
+        annotation = typing.Literal[tuple(m.value for m in annotation)]
     if field_info is not None:
         annotation = typing.Annotated[annotation, field_info]
     return TypeAdapter(annotation)
@@ -247,7 +263,7 @@ def define(
     output: str = "out",
     grad: bool = False,
     cache: bool = True,
-    fingerprint: Callable[[Mapping[str, Any]], Any] | None = None,
+    fingerprint: Callable[[Mapping[str, Any], Context], Any] | None = None,
     refine: Callable[[Mapping[str, Any]], Mapping[str, T.PortType]] | None = None,
 ) -> NodeDef:
     """Build a :class:`NodeDef` from a function (what :func:`node` does)."""
@@ -276,7 +292,11 @@ def define(
                 if isinstance(extra, FieldInfo) and extra.description:
                     desc = desc or extra.description
         ptype = T.from_annotation(ann)
-        inputs[name] = InputDef(name, ptype, required, default, desc, _adapter_for(ann, field_info, ptype))
+        base = typing.get_args(ann)[0] if typing.get_origin(ann) is typing.Annotated else ann
+        enum_cls = base if isinstance(base, type) and issubclass(base, enum.Enum) else None
+        if enum_cls is not None and isinstance(default, enum.Enum):
+            default = default.value
+        inputs[name] = InputDef(name, ptype, required, default, desc, _adapter_for(ann, field_info, ptype), enum_cls)
     outputs, single = _outputs_from(sig.return_annotation, output)
     doc = description if description is not None else inspect.getdoc(fn) or ""
     return NodeDef(

@@ -154,6 +154,7 @@ def _flatten(scope: CheckedScope, env: Mapping[str, Source], prefix: str, device
         node_device = cn.spec.device or device
         inputs = {name: _source(v, prefix, env, resolved) for name, v in cn.spec.inputs.items()}
         if cn.defn is not None and cn.defn.kind == "graph":
+            inputs.update({name: Const(value) for name, value in cn.literals.items() if name in cn.spec.inputs})
             inner_env: dict[str, Source] = {}
             for name, idef in cn.defn.inputs.items():
                 inner_env[name] = inputs.get(name, Const(cn.literals.get(name, idef.default)))

@@ -9,8 +9,9 @@ Node packs come from three places, all loaded the same way:
   a pack, each ``*.json`` file holding a graph-defined node type is registered under the folder's name,
 * :meth:`Registry.add_module` / :meth:`Registry.add` from Python.
 
-A pack object is either a callable ``register(registry, pack_name)`` or a module whose attributes decorated with
-:func:`nodegraph.node` are collected (plus an optional ``GRAPH_NODES`` list of JSON paths or dicts).
+A pack object is either a callable ``register(registry, pack_name)``, a module defining such a ``register``
+function (it is called), or a module whose functions decorated with :func:`nodegraph.node` are collected
+(functions it merely imports are not), plus an optional ``GRAPH_NODES`` list of JSON paths or dicts.
 
 Policy: a pack that fails to import or register is recorded in :attr:`Registry.failures` (pack name + error)
 and the other packs still load; a pack is added all-or-nothing; a duplicate type id is an error naming both
@@ -78,6 +79,14 @@ class Registry:
     def type_ids(self) -> list[str]:
         return sorted(self._nodes)
 
+    def copy(self) -> "Registry":
+        """An independent registry with the same node types, packs and failures (to extend without mutating)."""
+        new = Registry()
+        new._nodes.update(self._nodes)
+        new.packs.update({k: list(v) for k, v in self.packs.items()})
+        new.failures.extend(self.failures)
+        return new
+
     # -- adding ------------------------------------------------------------------------------------------
     def add(self, defs: NodeDef | Iterable[NodeDef], pack: str = "<api>") -> None:
         """Add node definitions as one pack, all or nothing. Raises PluginError on a duplicate id."""
@@ -99,7 +108,8 @@ class Registry:
     def add_module(self, module: ModuleType, pack: str | None = None) -> None:
         """Register every decorated function of a module (and its ``GRAPH_NODES``) as one pack."""
         pack = pack or module.__name__
-        defs = [obj.__node_def__ for obj in vars(module).values() if hasattr(obj, "__node_def__")]
+        defs = [obj.__node_def__ for obj in vars(module).values()
+                if hasattr(obj, "__node_def__") and getattr(obj, "__module__", None) == module.__name__]
         base = Path(getattr(module, "__file__", "") or ".").parent
         for item in getattr(module, "GRAPH_NODES", ()):
             defs.append(graph_node_def(_read_json(base / item) if isinstance(item, (str, Path)) else item))
@@ -116,14 +126,14 @@ class Registry:
         """Run ``loader()`` to get a pack object and register it; record a failure instead of raising."""
         try:
             obj = loader()
+            if isinstance(obj, ModuleType) and callable(getattr(obj, "register", None)):
+                obj = obj.register
             if isinstance(obj, ModuleType):
                 self.add_module(obj, name)
             elif callable(obj):
-                before = set(self._nodes)
-                staging = Registry()
+                staging = Registry()  # the pack registers into a scratch registry, then joins all or nothing
                 obj(staging, name) if _takes_two(obj) else obj(staging)
-                added = [staging._nodes[t] for t in sorted(set(staging._nodes) - before)]
-                self.add(added, name)
+                self.add(list(staging._nodes.values()), name)
             else:
                 raise PluginError(f"entry point resolved to {type(obj).__name__}, expected a module or callable")
             return True

@@ -46,8 +46,8 @@ Policy at encode time:
   to CPU, ``requires_grad`` and the autograd graph are dropped. Sparse, quantized, meta
   tensors and unsupported dtypes (complex, uint16..., float8) raise ``TypeError``.
 - Nesting deeper than ``limits.max_depth`` (default 128, also catches reference cycles)
-  raises ``SerializationError``, so the encoder never writes what the default decoder
-  refuses. A ``str`` that is not valid UTF-8 (lone surrogates) raises
+  raises ``SerializationError`` (so the encoder never writes a nesting depth that the
+  decoder with the same limits refuses; the other limits apply only to decoding). A ``str`` that is not valid UTF-8 (lone surrogates) raises
   ``SerializationError``; a tensor payload over 4 GiB (msgpack's ext limit) too.
 
 ExtType codes

@@ -246,5 +246,8 @@ def parse_type(spec: _Any) -> PortType:
         if not isinstance(params, dict):
             raise ValueError(f"type params must be an object, got {params!r}")
         params = {k: Var(v[1:]) if isinstance(v, str) and v.startswith("?") else v for k, v in params.items()}
-        return base(**params)
+        try:
+            return base(**params)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
     raise ValueError(f"cannot parse port type {spec!r}")

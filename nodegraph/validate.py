@@ -22,9 +22,11 @@ Error codes (``Issue.code``):
 ``bad_output``      a graph output that links to a missing node or output
 ``bad_override``    a ``--set NODE.INPUT=VALUE`` that names no node/input, or is not of that form
 ``bad_loop``        a loop node's options or body are inconsistent
+``recursive_type``  a graph-defined node type that (directly or not) contains itself
 ==================  =====================================================================================
 
-Loops and graph-defined nodes are checked recursively; problems inside them name the node as
+:class:`nodegraph.Engine` adds ``bad_device`` for a device pin (anywhere, loop bodies included) that this
+machine cannot honour. Loops and graph-defined nodes are checked recursively; problems inside them name the node as
 ``outer/inner``. Types flow through: the output types of a graph-defined node are those its subgraph produces
 for the concrete input types it is given.
 """
@@ -33,15 +35,17 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import networkx as nx
+from pydantic import TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
 from . import types as T
 from .errors import Issue
-from .graph import SUPPORTED_VERSIONS, Graph, InputRef, Link, NodeSpec, Subgraph, literal_value
+from .graph import SUPPORTED_VERSIONS, Graph, InputRef, Link, NodeSpec, Subgraph, literal_value, parse_input_value
 from .node import NodeDef, parse_semver
 from .registry import Registry
 
@@ -165,6 +169,13 @@ def apply_overrides(graph: Graph, overrides: Mapping[str, Any], registry: Regist
             issues.append(Issue("bad_override", f"node {node!r} ({spec.type}) has no input {name!r}", node=node,
                                 port=name, hint=_close(name, allowed)))
             continue
+        try:
+            parse_input_value(value)
+        except PydanticValidationError as exc:
+            msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            issues.append(Issue("bad_override", f"override for {target!r} looks like a link or input reference "
+                                f"but is malformed ({msgs})", node=node, port=name))
+            continue
         changes[(node, name)] = value
     return (graph.with_inputs(changes) if changes else graph), issues
 
@@ -200,9 +211,10 @@ def validate(graph_data: Any, registry: Registry, overrides: Mapping[str, Any] |
 
 
 class _Checker:
-    def __init__(self, registry: Registry, issues: list[Issue]):
+    def __init__(self, registry: Registry, issues: list[Issue], expanding: tuple[str, ...] = ()):
         self.registry = registry
         self.issues = issues
+        self.expanding = expanding  # graph-defined types being expanded (to refuse self-recursion)
         self._graph_outputs_cache: dict[tuple, dict[str, T.PortType]] = {}
 
     def err(self, code: str, message: str, node: str | None = None, port: str | None = None,
@@ -227,12 +239,16 @@ class _Checker:
                 elif isinstance(value, InputRef) and (inputs is None or value.input not in inputs):
                     self._bad_ref(value, inputs, prefix + nid, port)
         cyclic: set[str] = set()
+        cycles = []
         for cycle in nx.simple_cycles(dag):
+            start = cycle.index(min(cycle))  # report each cycle from its smallest id: stable across processes
+            cycles.append(cycle[start:] + cycle[:start])
+            if len(cycles) >= 50:
+                break
+        for cycle in sorted(cycles):
             cyclic.update(cycle)
             names = " -> ".join(prefix + n for n in [*cycle, cycle[0]])
             self.err("cycle", f"the graph has a cycle: {names}", prefix + cycle[0])
-            if len(cyclic) > 200:
-                break
         # Nodes on a cycle are checked without types first (so their outputs are known); the acyclic rest is
         # then checked in topological order with full type inference.
         for nid in sorted(cyclic):
@@ -299,10 +315,14 @@ class _Checker:
             return
         defn = self.registry.get(spec.type)
         if defn is None:
-            self.err("unknown_type", f"unknown node type {spec.type!r}", nid, None,
-                     _close(spec.type, self.registry.type_ids()))
+            hint = _close(spec.type, self.registry.type_ids())
+            if self.registry.failures:
+                failed = "; ".join(f"{f.pack}: {f.error}" for f in self.registry.failures[:3])
+                hint = f"{hint + ' ' if hint else ''}(node packs that failed to load: {failed})"
+            self.err("unknown_type", f"unknown node type {spec.type!r}", nid, None, hint)
             return
         cn.defn = defn
+        cn.output_types = dict(defn.outputs)  # provisional, so links among nodes on a cycle resolve
         if spec.version is not None:
             try:
                 pinned = parse_semver(spec.version)
@@ -359,6 +379,10 @@ class _Checker:
         if not _is_json(value):
             cn.literals[name] = value
             return
+        if not _finite(value):
+            self.err("wrong_type", f"input {name!r}: {_short(value)} holds a non-finite number (inf or NaN), "
+                     "which JSON cannot carry", nid, name)
+            return
         try:
             cn.literals[name] = idef.validate_literal(value)
         except ValueError as exc:
@@ -391,14 +415,18 @@ class _Checker:
             if not isinstance(opts["over"], list):
                 self.err("wrong_type", "loop option 'over' must be a list or a link to a sequence", nid, "over")
         cn.literals = {k: v for k, v in opts.items() if k != "over" or not isinstance(spec.inputs[k], (Link, InputRef))}
-        body_types: dict[str, T.PortType] = dict(LOOP_IMPLICIT)
+        body_types: dict[str, T.PortType] = {"index": T.Int, "total": T.Int}
+        if has_over:
+            body_types["item"] = T.Any
+            if opts.get("pairs") is True:
+                body_types["next_item"] = T.Any
         for name, decl in body.inputs.items():
             if name in LOOP_OPTIONS or name in LOOP_IMPLICIT:
                 self.err("bad_loop", f"body input {name!r} clashes with a reserved loop name", nid, name)
                 continue
             try:
                 declared = T.parse_type(decl.type)
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:
                 self.err("bad_loop", str(exc), nid, name)
                 declared = T.Any
             body_types[name] = declared
@@ -414,16 +442,30 @@ class _Checker:
                     if declared.name == "Any":
                         body_types[name] = src  # let concrete types flow into an untyped body input
             else:
-                cn.literals[name] = literal_value(value)
+                literal = literal_value(value)
+                if declared.name in _SCALAR_PY and _is_json(literal):
+                    try:
+                        literal = TypeAdapter(_SCALAR_PY[declared.name]).validate_python(literal, strict=True)
+                    except PydanticValidationError as exc:
+                        self.err("wrong_type", f"loop body input {name!r} expects {declared}: "
+                                 f"{exc.errors()[0]['msg']} (got {_short(literal)})", nid, name)
+                cn.literals[name] = literal
         for name in spec.inputs:
             if name not in LOOP_OPTIONS and name not in body.inputs:
                 self.err("unknown_input", f"loop has no option or body input {name!r}", nid, name,
                          _close(name, [*LOOP_OPTIONS, *body.inputs]))
+        for implicit in ("item", "next_item"):
+            if implicit not in body_types and _refers_to(body, implicit):
+                why = "a loop over 'count'" if implicit == "item" else "a loop without \"pairs\": true"
+                self.err("bad_loop", f"the body uses {{'input': {implicit!r}}}, which {why} does not provide", nid)
+                body_types[implicit] = T.Any  # reported once here, not again for each use
         cn.body = self.scope(body.nodes, body.outputs, body_types, prefix=nid + "/")
         for name, decl in body.inputs.items():
             if decl.carry and name not in body.outputs:
                 self.err("bad_loop", f"carried input {name!r} has no body output of the same name", nid, name)
-        cn.output_types = dict(cn.body.output_types)
+        # Carried outputs keep their type; every other body output is stacked over iterations.
+        carried = {n for n, d in body.inputs.items() if d.carry}
+        cn.output_types = {n: (t if n in carried else T.Tensor) for n, t in cn.body.output_types.items()}
         for name, decl in body.inputs.items():
             if decl.carry and name in body.outputs and typed:
                 self._edge(cn.body.output_types[name], body_types[name], {}, nid, name)
@@ -433,6 +475,10 @@ class _Checker:
                    prefix: str, bindings: dict[str, Any], typed: bool) -> None:
         defn = cn.defn
         sub: Subgraph = defn.subgraph
+        if defn.type_id in self.expanding:
+            self.err("recursive_type", f"graph-defined node type {defn.type_id!r} uses itself "
+                     f"(through {' -> '.join(self.expanding)})", prefix + cn.id)
+            return
         types_in: dict[str, T.PortType] = {}
         for name, idef in defn.inputs.items():
             value = cn.spec.inputs.get(name)
@@ -445,7 +491,7 @@ class _Checker:
         # The body is checked in a scratch list: problems in a registered definition are reported once, on
         # the node that uses it, rather than once per inner node.
         inner: list[Issue] = []
-        sub_checker = _Checker(self.registry, inner)
+        sub_checker = _Checker(self.registry, inner, self.expanding + (defn.type_id,))
         cn.body = sub_checker.scope(sub.nodes, sub.outputs, types_in, prefix=prefix + cn.id + "/")
         for issue in inner:
             self.issues.append(issue)
@@ -454,6 +500,25 @@ class _Checker:
             declared = cn.output_types.get(name)
             if declared is None or declared.name in ("Any", inferred.name):
                 cn.output_types[name] = inferred
+
+
+_SCALAR_PY = {"Int": int, "Float": float, "Bool": bool, "String": str}
+
+
+def _refers_to(body: Subgraph, name: str) -> bool:
+    """Whether a body (not counting nested loop bodies, which have their own implicit inputs) uses an input."""
+    refs = [v for n in body.nodes.values() for v in n.inputs.values()] + list(body.outputs.values())
+    return any(isinstance(v, InputRef) and v.input == name for v in refs)
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
 
 
 def _is_json(value: Any) -> bool:
