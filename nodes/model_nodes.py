@@ -35,11 +35,27 @@ class InputError(ValueError):
         self.code, self.port, self.hint = code, port, hint
 
 
+WEIGHTS_ROOT = Path(__file__).parent / "weights"
+
+
+def catalog() -> dict[str, Path]:
+    """Models shipped inside the package, by name: ``"<family>/<component>"``, e.g. ``"tiny-shapes/dit"``."""
+    if not WEIGHTS_ROOT.is_dir():
+        return {}
+    return {f"{p.parent.parent.name}/{p.parent.name}": p.parent
+            for p in sorted(WEIGHTS_ROOT.glob("*/*/" + CONFIG_NAME))}
+
+
 def model_folder(path: str) -> Path:
+    """A shipped model's name (see :func:`catalog`) or a checkpoint folder path."""
+    shipped = catalog()
+    if path in shipped:
+        return shipped[path]
     folder = Path(path).expanduser()
     if not (folder / CONFIG_NAME).is_file():
-        raise InputError(f"no model folder at {path!r} (expected {CONFIG_NAME} and {WEIGHTS_NAME} inside)",
-                         code="unknown_model", port="path")
+        names = ", ".join(shipped) or "none installed"
+        raise InputError(f"unknown model {path!r}: not a shipped model name and not a folder holding {CONFIG_NAME}"
+                         f" and {WEIGHTS_NAME}", code="unknown_model", port="path", hint=f"shipped models: {names}")
     return folder
 
 
@@ -54,7 +70,7 @@ def read_config(path: str, expected: tuple[str, ...]) -> dict[str, Any]:
 
 def weights_fingerprint(literals: dict, ctx: Context) -> Any:
     """Size and modification time of every file in the folder: a changed checkpoint changes the cache key."""
-    folder = Path(literals["path"]).expanduser()
+    folder = model_folder(literals["path"])
     return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
 
 
