@@ -209,7 +209,7 @@ class DiT(nn.Module):
     def forward(
         self,
         x: Tensor,
-        t: Tensor,
+        t: Tensor | float,
         context: Tensor,
         context_mask: Tensor | None = None,
         pooled: Tensor | None = None,

@@ -177,7 +177,12 @@ class UNetEncoder(nn.Module):
         self.downsample_factor = 2**last
 
     def forward(
-        self, x: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None, hint: Tensor | None = None
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        context: Tensor,
+        context_mask: Tensor | None = None,
+        hint: Tensor | None = None,
     ) -> tuple[list[Tensor], Tensor, Tensor]:
         """-> (skips, one (N, C_i, H_i, W_i) per input block; middle (N, C_mid, H/f, W/f); emb (N, 4 * mc)).
 
@@ -230,7 +235,7 @@ class UNet(nn.Module):
     def forward(
         self,
         x: Tensor,
-        t: Tensor,
+        t: Tensor | float,
         context: Tensor,
         context_mask: Tensor | None = None,
         control: Mapping[str, Tensor | Sequence[Tensor]] | None = None,

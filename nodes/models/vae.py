@@ -294,10 +294,11 @@ PRESETS: dict[str, VAEConfig] = {
     "tiny-test": VAEConfig(
         space="tiny-test", base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4, scaling_factor=1.0
     ),
-    # 64x64 RGB -> 16x16x4 for the embedded shapes family; scaling_factor is re-measured after training.
+    # 64x64 RGB -> 16x16x4 for the embedded shapes family; scaling/shift are measured after training.
+    # No attention: fully convolutional, so nodes.training can train it on crops.
     "shapes": VAEConfig(
         space="tiny-shapes", base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, norm_groups=8,
-        use_quant_conv=False, scaling_factor=1.0,
+        mid_attention=False, use_quant_conv=False, scaling_factor=1.0,
     ),
     "sd15": VAEConfig(space="sd15"),
     "sdxl": VAEConfig(space="sdxl", scaling_factor=0.13025),

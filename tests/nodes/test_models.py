@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 import torch
@@ -18,16 +18,7 @@ from nodes.models.text import TextConfig, TextEncoder
 from nodes.models.unet import UNet, UNetConfig, UNetEncoder
 from nodes.models.vae import AutoencoderKL, VAEConfig
 
-N, L = 2, 5  # batch, context length used with the tiny denoisers
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, and stay fast when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+N, L = 2, 5  # batch, context length used with the tiny denoisers (conftest's ``one_thread`` keeps torch at 1 thread)
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
