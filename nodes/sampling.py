@@ -49,6 +49,23 @@ def scheduler_schedule(
                                       spread=spread)
 
 
+@node("schedule.betas", category="schedule", output="sigmas")
+def betas_schedule(
+    betas: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear", steps: Steps = 20,
+    scheduler: Literal["ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m"] = "euler",
+    beta_start: Annotated[float, Field(gt=0, lt=1)] = 0.00085, beta_end: Annotated[float, Field(gt=0, lt=1)] = 0.012,
+    train_steps: Annotated[int, Field(ge=2, le=100000)] = 1000,
+    spacing: Literal["default", "leading", "trailing", "linspace"] = "default",
+    spread: Literal["uniform", "karras", "exponential"] = "uniform",
+) -> T.Sigmas:
+    """Sigmas from a discrete beta schedule (linear, scaled-linear, cosine) as the named diffusers scheduler spaces them."""
+    if betas != "cosine" and beta_start >= beta_end:
+        raise ValueError(f"beta_start ({beta_start}) must be below beta_end ({beta_end})")
+    train = schedules.TrainSchedule(betas, train_steps, beta_start, beta_end)
+    return schedules.scheduler_sigmas(scheduler, steps, train, spacing=None if spacing == "default" else spacing,
+                                      spread=spread)
+
+
 @node("schedule.karras", category="schedule", output="sigmas")
 def karras(steps: Steps = 20, sigma_min: Annotated[float, Field(gt=0)] = 0.0292,
            sigma_max: Annotated[float, Field(gt=0)] = 14.6146, rho: Annotated[float, Field(gt=0)] = 7.0) -> T.Sigmas:
