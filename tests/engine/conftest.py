@@ -66,3 +66,21 @@ def engine(registry, tmp_path) -> nodegraph.Engine:
 def toy_graph() -> dict:
     """A deep copy of TOY_GRAPH (valid for the toy registry), free to mutate."""
     return copy.deepcopy(TOY_GRAPH)
+
+
+@pytest.fixture(autouse=True)
+def _reset_exec_nodes():
+    """Clear the call log of the executor-test nodes (tests/engine/exec_nodes.py) around every test."""
+    from . import exec_nodes
+
+    exec_nodes.reset()
+    yield
+    exec_nodes.reset()
+
+
+@pytest.fixture
+def reg():
+    """A fresh registry holding the executor-test nodes."""
+    from . import exec_nodes
+
+    return exec_nodes.registry()

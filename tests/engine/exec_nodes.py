@@ -246,3 +246,13 @@ GRAPH_NODES = [{
     },
     "outputs": {"x": {"node": "lp", "output": "x"}},
 }]
+
+
+# -- graph-building helpers shared by the executor, loop, cache, device and API tests ------------------------
+
+def L(node: str, output: str = "out") -> dict:
+    return {"node": node, "output": output}
+
+
+def graph(nodes: dict, outputs: dict) -> dict:
+    return {"version": 1, "nodes": nodes, "outputs": outputs}

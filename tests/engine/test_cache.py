@@ -16,28 +16,9 @@ from nodegraph.cache import MISSING, Cache, DiskCache, MemoryCache, value_bytes
 from nodegraph.serialize import unpackb
 
 from . import exec_nodes as ex
+from .exec_nodes import L, graph
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def L(node: str, output: str = "out") -> dict:
-    return {"node": node, "output": output}
-
-
-def graph(nodes: dict, outputs: dict) -> dict:
-    return {"version": 1, "nodes": nodes, "outputs": outputs}
-
-
-@pytest.fixture(autouse=True)
-def _reset():
-    ex.reset()
-    yield
-    ex.reset()
-
-
-@pytest.fixture
-def reg():
-    return ex.registry()
 
 
 # a -> b -> c -> f <- e <- d, plus a loop and a graph-defined node (expanded into r/lp)

@@ -12,24 +12,10 @@ from nodegraph import Engine, GraphValidationError
 from nodegraph.devices import ResidencyManager, module_bytes, module_device, move_to, resolve_device, same_device
 
 from . import exec_nodes as ex
+from .exec_nodes import L, graph
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error path")
-
-
-def L(node: str, output: str = "out") -> dict:
-    return {"node": node, "output": output}
-
-
-def graph(nodes: dict, outputs: dict) -> dict:
-    return {"version": 1, "nodes": nodes, "outputs": outputs}
-
-
-@pytest.fixture(autouse=True)
-def _reset():
-    ex.reset()
-    yield
-    ex.reset()
 
 
 def linear(seed: int = 0, width: int = 32) -> torch.nn.Linear:

@@ -17,18 +17,6 @@ def L(node: str, output: str = "out") -> dict:
     return {"node": node, "output": output}
 
 
-@pytest.fixture(autouse=True)
-def _reset():
-    ex.reset()
-    yield
-    ex.reset()
-
-
-@pytest.fixture
-def reg():
-    return ex.registry()
-
-
 G = {
     "version": 1,
     "nodes": {

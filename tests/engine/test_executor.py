@@ -12,26 +12,7 @@ import nodegraph
 from nodegraph import CancelToken, Cancelled, Engine, NodeExecutionError
 
 from . import exec_nodes as ex
-
-
-def L(node: str, output: str = "out") -> dict:
-    return {"node": node, "output": output}
-
-
-def graph(nodes: dict, outputs: dict) -> dict:
-    return {"version": 1, "nodes": nodes, "outputs": outputs}
-
-
-@pytest.fixture(autouse=True)
-def _reset():
-    ex.reset()
-    yield
-    ex.reset()
-
-
-@pytest.fixture
-def reg() -> nodegraph.Registry:
-    return ex.registry()
+from .exec_nodes import L, graph
 
 
 def make_engine(reg, **kw) -> Engine:

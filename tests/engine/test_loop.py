@@ -30,13 +30,6 @@ def loop(inputs: dict, body_inputs: dict, body_nodes: dict, body_outputs: dict) 
             "body": {"inputs": body_inputs, "nodes": body_nodes, "outputs": body_outputs}}
 
 
-@pytest.fixture(autouse=True)
-def _reset():
-    ex.reset()
-    yield
-    ex.reset()
-
-
 @pytest.fixture
 def eng() -> Engine:
     return Engine(ex.registry(), device="cpu")
