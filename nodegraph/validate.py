@@ -439,8 +439,8 @@ class _Checker:
                 src = self._source_type(value, checked, inputs, nid, name)
                 if src is not None and typed:
                     self._edge(src, declared, {}, nid, name)
-                    if declared.name == "Any":
-                        body_types[name] = src  # let concrete types flow into an untyped body input
+                    if declared.name in ("Any", src.name):
+                        body_types[name] = src  # concrete parameters (space, width) flow into the body
             else:
                 literal = literal_value(value)
                 if declared.name in _SCALAR_PY and _is_json(literal):

@@ -18,17 +18,11 @@ from nodes.models.text import TextConfig, TextEncoder
 from nodes.models.unet import UNet, UNetConfig, UNetEncoder
 from nodes.models.vae import AutoencoderKL, VAEConfig
 
+from .conftest import randomize  # noqa: E402
+
 N, L = 2, 5  # batch, context length used with the tiny denoisers (conftest's ``one_thread`` keeps torch at 1 thread)
 
 
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Replace every weight (zero-initialised outputs included) with seeded random values."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            std = 0.1 if p.dim() == 1 else p[0].numel() ** -0.5
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model.eval()
 
 
 def text_inputs() -> dict[str, Tensor]:
