@@ -55,6 +55,7 @@ class _Compiled:
     sources: list[tuple[str, int, Any, Any]]
     ctx: Context | None
     device: torch.device | None  # set only when it differs from the loop's device
+    call: Callable[[dict[str, Any], Context | None], dict[str, Any]] | None = None  # None for nested loops
 
 
 def _encode(src: Source) -> tuple[int, Any, Any]:
@@ -83,7 +84,8 @@ def compile_body(body: Body, wanted: set[str], make_ctx: Callable[[Step], Contex
         dev = resolve_device(step.device) if step.device else loop_device
         sources = [(name, *_encode(src)) for name, src in step.inputs.items()]
         ctx = make_ctx(step) if (step.defn is not None and step.defn.ctx_param) or step.is_loop else None
-        compiled.append(_Compiled(step, sources, ctx, None if same_device(dev, loop_device) else dev))
+        call = None if step.is_loop else step.defn.fast_call()
+        compiled.append(_Compiled(step, sources, ctx, None if same_device(dev, loop_device) else dev, call))
     return compiled
 
 
@@ -137,6 +139,7 @@ def run_loop(
     collected: dict[str, list[Any]] = {n: [] for n in stacked}
     args["total"] = total
     values: dict[str, dict[str, Any]] = {}
+    emit = ctx._emit  # progress events are published directly: the cancel check above covers each iteration
     for i in range(total):
         ctx.check_cancelled()
         args["index"] = i
@@ -151,10 +154,10 @@ def run_loop(
             if c.device is not None:
                 kwargs = {k: move_to(v, c.device) for k, v in kwargs.items()}
             try:
-                if c.step.is_loop:
-                    values[c.step.id] = run_nested(c.step, kwargs, set(c.step.outputs), c.ctx)
+                if c.call is not None:
+                    values[c.step.id] = c.call(kwargs, c.ctx)
                 else:
-                    values[c.step.id] = c.step.defn.call(kwargs, c.ctx)
+                    values[c.step.id] = run_nested(c.step, kwargs, set(c.step.outputs), c.ctx)
             except (Cancelled, NodeExecutionError):
                 raise
             except Exception as exc:  # noqa: BLE001 - name the body node, not just the loop
@@ -165,7 +168,8 @@ def run_loop(
             args[n] = nxt[n]
         for n in stacked:
             collected[n].append(nxt[n])
-        ctx.progress(i + 1, total)
+        if emit is not None:
+            emit("progress", ctx.node_id, done=i + 1, total=total, message="")
     result = {n: args[n] for n in carried}
     result.update({n: stack(v) for n, v in collected.items()})
     return result

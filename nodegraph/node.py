@@ -174,9 +174,19 @@ class NodeDef:
     single_output: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def _enum_inputs(self) -> tuple[str, ...]:
-        return tuple(n for n, i in self.inputs.items() if i.enum_cls is not None)
+    def __post_init__(self) -> None:
+        self._enum_inputs = tuple(n for n, i in self.inputs.items() if i.enum_cls is not None)
+        self._output_names = tuple(self.outputs)
+
+    def fast_call(self) -> Callable[[dict[str, Any], Context | None], dict[str, Any]]:
+        """A specialised ``call`` for hot loops: skips the checks this node type does not need."""
+        fn, ctx_param = self.fn, self.ctx_param
+        if self.single_output and not self._enum_inputs:
+            name = self._output_names[0]
+            if ctx_param is None:
+                return lambda kwargs, ctx: {name: fn(**kwargs)}
+            return lambda kwargs, ctx: {name: fn(**kwargs, **{ctx_param: ctx})}
+        return self.call
 
     @property
     def major(self) -> int:
@@ -194,7 +204,7 @@ class NodeDef:
         return self.wrap_result(result)
 
     def wrap_result(self, result: Any) -> dict[str, Any]:
-        names = list(self.outputs)
+        names = self._output_names
         if self.single_output:
             return {names[0]: result}
         if isinstance(result, Mapping):
