@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-MODULES = ("nodes.core", "nodes.image_ops", "nodes.sampling", "nodes.model_nodes", "nodes.shapes_nodes")
+MODULES = ("nodes.core", "nodes.image_ops", "nodes.sampling", "nodes.model_nodes", "nodes.shapes_nodes",
+           "nodes.control")
 
 
 def register(registry, pack: str = "builtin") -> None:

@@ -91,7 +91,8 @@ def _text_types(literals: dict) -> dict[str, T.PortType]:
     return {"encoder": T.TextEncoder(dim=cfg.get("width"))}
 
 
-def _load(path: str, dtype: str, expected: tuple[str, ...]) -> torch.nn.Module:
+def load_checked(path: str, dtype: str, expected: tuple[str, ...]) -> torch.nn.Module:
+    """Load a checkpoint folder of one of the ``expected`` model types; errors carry a code and port."""
     read_config(path, expected)
     try:
         return load_folder(model_folder(path), dtype=dtype).requires_grad_(False)
@@ -102,21 +103,21 @@ def _load(path: str, dtype: str, expected: tuple[str, ...]) -> torch.nn.Module:
 @node("model.load_denoiser", category="model", output="model", fingerprint=weights_fingerprint, refine=_denoiser_types)
 def load_denoiser(path: str, dtype: DType = "float32") -> T.Denoiser:
     """Load a U-Net or DiT denoiser from a checkpoint folder (safetensors only)."""
-    net = _load(path, dtype, ("unet", "dit"))
+    net = load_checked(path, dtype, ("unet", "dit"))
     return adapters.DenoiserModel(net, adapters.DenoiserInfo.read(model_folder(path)))
 
 
 @node("model.load_vae", category="model", output="vae", fingerprint=weights_fingerprint, refine=_vae_types)
 def load_vae(path: str, dtype: DType = "float32") -> T.VAE:
     """Load a KL autoencoder from a checkpoint folder (safetensors only)."""
-    return _load(path, dtype, ("vae",))
+    return load_checked(path, dtype, ("vae",))
 
 
 @node("model.load_text_encoder", category="model", output="encoder", fingerprint=weights_fingerprint,
       refine=_text_types)
 def load_text_encoder(path: str, dtype: DType = "float32") -> T.TextEncoder:
     """Load the byte-level text encoder from a checkpoint folder (safetensors only)."""
-    return _load(path, dtype, ("text",))
+    return load_checked(path, dtype, ("text",))
 
 
 @node("text.encode", category="conditioning", output="cond")

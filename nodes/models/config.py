@@ -49,6 +49,8 @@ MODEL_TYPES: Mapping[str, tuple[str, str, str]] = MappingProxyType(
         "text": ("nodes.models.text", "TextConfig", "TextEncoder"),
         "dit": ("nodes.models.dit", "DiTConfig", "DiT"),
         "unet": ("nodes.models.unet", "UNetConfig", "UNet"),
+        "controlnet_unet": ("nodes.models.controlnet", "ControlNetUNetConfig", "ControlNetUNet"),
+        "controlnet_dit": ("nodes.models.controlnet", "ControlNetDiTConfig", "ControlNetDiT"),
     }
 )
 
