@@ -85,8 +85,12 @@ def _print_invalid(issues: list[Issue], as_json: bool) -> int:
 def _engine(args: argparse.Namespace):
     from .engine import Engine
 
+    input_root = args.input_root
+    if input_root is None:  # by default a graph reads its input files from its own folder
+        graph = Path(args.graph)
+        input_root = graph.parent if graph.suffix in (".json", ".msgpack") else Path(".")
     return Engine(device=args.device, cache_dir=args.cache_dir, plugin_dirs=args.plugins,
-                  input_root=args.input_root, output_root=args.out)
+                  input_root=input_root, output_root=args.out)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -245,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="auto", help="default device: auto, cpu, cuda, cuda:N")
         sp.add_argument("--cache-dir", default=None, help="disk cache folder (reused across runs)")
         sp.add_argument("--out", default="out", help="output folder (file outputs go here)")
-        sp.add_argument("--input-root", default=".", help="folder that file-reading nodes are confined to")
+        sp.add_argument("--input-root", default=None,
+                        help="folder that file-reading nodes are confined to (default: the graph file's folder)")
         sp.add_argument("--output", action="append", default=[], metavar="NAME", help="only compute this output")
         common(sp)
         sp.set_defaults(fn=cmd_run if name == "run" else cmd_validate)
