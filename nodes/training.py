@@ -1,0 +1,491 @@
+"""Training of the embedded ``tiny-shapes`` family on CPU: VAE, then DiT + text encoder, then U-Net.
+
+Run ``python -m nodes.training --out nodes/weights/tiny-shapes``; every stage is seeded, and each trainer
+stops at its time budget (``--minutes-*``) or its step cap (``--steps-*``), whichever comes first. The
+report ``training.json`` records the steps each model took, so a run with ``--steps-X`` set to those
+counts (and generous minutes) repeats the same updates on the same data and noise.
+
+Stages
+------
+1. **Data**: ``--samples`` images from ``nodes.shapes.data.batch(seed, n)``; the same fixed set serves
+   every stage.
+2. **VAE** (64x64x3 -> 16x16x4, ``space="tiny-shapes"``): L1 + MSE reconstruction of a posterior draw
+   plus a small KL term. Afterwards ``shift_factor`` / ``scaling_factor`` are set from the posterior
+   means (scaled latents have mean 0 and std 1) and reconstructions are checked with the shapes
+   evaluator. Every image is then encoded once (posterior mean, scaled) so no stage re-encodes.
+3. **DiT + text encoder**, trained jointly (gradients reach the text encoder), rectified flow: ``t`` drawn
+   logit-normal and shifted by 3 (the ``sd3`` schedule), ``x = (1 - t) x0 + t noise``, target velocity
+   ``noise - x0``.
+4. **U-Net** with the (EMA) text encoder frozen (each distinct caption is encoded once), ``v``
+   prediction on the ``sd15`` discrete VP schedule, continuous timesteps uniform in ``[0, T - 1]`` (what the
+   shipped weights used). Next to try: the cosine schedule (``improved_ddpm``), whose last timestep has
+   almost no signal left (sigma 2e4 against sd15's 14.6): on 16x16 latents sd15's last timestep still shows
+   where a large object is, so a model can take the layout from the noise and sampling, which starts from
+   pure noise, then ignores the position words (Lin et al. 2024).
+
+Both denoisers drop 10 % of captions to ``""`` (classifier-free guidance) and keep an EMA of their weights,
+which is what ships. The loss goes through the same maps the engine's :class:`nodes.adapters.DenoiserModel`
+uses at sampling time (``model_timestep``, ``c_in``), so a trained network samples correctly through it;
+``tests/nodes/test_training.py`` checks that ``to_denoised`` of the training target is the clean latent and
+that the training-time prediction equals the adapter's.
+
+``OMP_WAIT_POLICY=PASSIVE`` is set before torch loads: with two threads on cores shared with other
+processes, OpenMP's spinning barriers otherwise cost up to 3x.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Sequence  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from nodes.adapters import DenoiserInfo, DenoiserModel, Guided, schedule_of  # noqa: E402
+from nodes.diffusion.math import append_zero, expand_sigma  # noqa: E402
+from nodes.diffusion.parameterization import c_in, model_timestep  # noqa: E402
+from nodes.diffusion.schedules import PRESETS as TRAIN_PRESETS  # noqa: E402
+from nodes.diffusion.schedules import flow_sigmas, scheduler_sigmas, shift_sigmas, timestep_to_sigma  # noqa: E402
+from nodes.diffusion.steps import euler_step  # noqa: E402
+from nodes.models.config import save_folder  # noqa: E402
+from nodes.models.dit import DiT, DiTConfig  # noqa: E402
+from nodes.models.text import TextConfig, TextEncoder  # noqa: E402
+from nodes.models.unet import UNet, UNetConfig  # noqa: E402
+from nodes.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
+from nodes.shapes import data, evaluate  # noqa: E402
+
+Log = Callable[[str], None]
+
+
+# --- budgets, EMA, logging --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Stop after ``minutes`` of wall time or ``max_steps`` updates, whichever comes first."""
+
+    minutes: float
+    max_steps: int
+
+    def done(self, step: int, start: float) -> bool:
+        return step >= self.max_steps or time.perf_counter() - start >= 60.0 * self.minutes
+
+
+class EMA:
+    """Exponential moving average of a module's weights, decay ``min(decay, (1 + n) / (10 + n))``."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for ema, new in zip(self.model.state_dict().values(), model.state_dict().values()):
+            ema.lerp_(new, 1 - d) if ema.is_floating_point() else ema.copy_(new)
+
+
+class LossLog:
+    """Running loss curve: the mean of every ``every`` steps, with the wall time at that point."""
+
+    def __init__(self, name: str, every: int, log: Log) -> None:
+        self.name, self.every, self.log = name, every, log
+        self.start, self.curve, self.pending = time.perf_counter(), [], []
+
+    def add(self, step: int, loss: float) -> None:
+        self.pending.append(loss)
+        if len(self.pending) == self.every:
+            mean, wall = sum(self.pending) / self.every, time.perf_counter() - self.start
+            self.curve.append([step, round(wall, 1), round(mean, 5)])
+            self.pending = []
+            self.log(f"{self.name} step {step} loss {mean:.4f} ({wall:.0f}s)")
+
+    def record(self, steps: int, **extra: Any) -> dict[str, Any]:
+        tail = self.pending if len(self.pending) >= self.every // 2 or not self.curve else [self.curve[-1][2]]
+        tail = tail or [float("nan")]
+        return {"steps": steps, "wall_s": round(time.perf_counter() - self.start, 1),
+                "final_loss": round(sum(tail) / len(tail), 5), **extra, "loss_curve": self.curve}
+
+
+def _adamw(params: Sequence[nn.Parameter] | list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+
+
+def _warmup(opt: torch.optim.Optimizer, step: int, warmup: int) -> None:
+    for group in opt.param_groups:
+        group["lr"] = group["base_lr"] * min(1.0, (step + 1) / warmup)
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+
+def make_dataset(seed: int, n: int) -> tuple[np.ndarray, list[str]]:
+    """``n`` shapes images (uint8 (n, 64, 64, 3)) and their captions; item ``i`` depends only on (seed, i)."""
+    images, captions, _ = data.batch(seed, n)
+    return images, captions
+
+
+def _images(images: np.ndarray, index: Tensor) -> Tensor:
+    return data.to_tensor(images[index.numpy()]).contiguous(memory_format=torch.channels_last)
+
+
+# --- VAE --------------------------------------------------------------------------------------------
+
+
+def random_crops(images: np.ndarray, index: Tensor, size: int, step: int, gen: torch.Generator) -> Tensor:
+    """``size`` x ``size`` crops of ``images[index]`` at offsets that are multiples of ``step``, (n, 3, s, s)."""
+    picked = images[index.numpy()]
+    offsets = torch.randint((picked.shape[1] - size) // step + 1, (len(picked), 2), generator=gen) * step
+    crops = np.stack([img[y:y + size, x:x + size] for img, (y, x) in zip(picked, offsets.tolist())])
+    return data.to_tensor(crops).contiguous(memory_format=torch.channels_last)
+
+
+def vae_loss(vae: AutoencoderKL, x: Tensor, noise: Tensor, kl_weight: float, object_weight: float = 4.0) -> Tensor:
+    """L1 + MSE reconstruction of a posterior draw, plus ``kl_weight`` times the per-element KL to N(0, 1).
+
+    Object pixels (some channel above mid-grey; the background stays <= 40) weigh ``1 + object_weight``:
+    they are ~15 % of the pixels, and without the weight the first few hundred steps only learn the background.
+    """
+    mean, logvar = vae.encode(x)
+    recon = vae.decode(vae.sample(mean, logvar, noise))
+    weight = 1.0 + object_weight * (x.amax(dim=1, keepdim=True) > 0).to(x.dtype)  # (N, 1, H, W)
+    err = recon - x
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+    return (weight * (err.abs() + err.pow(2))).mean() / weight.mean() + kl_weight * kl
+
+
+def train_vae(vae: AutoencoderKL, images: np.ndarray, budget: Budget, batch: int = 32, lr: float = 2e-3,
+              kl_weight: float = 1e-5, crop: int = 32, seed: int = 0, log: Log = print) -> dict[str, Any]:
+    """Train ``vae`` in place on random ``crop``-pixel crops of ``images``; returns the training record.
+
+    The autoencoder is fully convolutional (the shapes preset has no attention), so crops teach it the
+    same local mapping as whole images at a fraction of the cost (32 px crops: ~6x faster per image).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    vae.to(memory_format=torch.channels_last).train()
+    opt = _adamw(vae.parameters(), lr)
+    for group in opt.param_groups:
+        group["base_lr"] = lr
+    losses, step, start = LossLog("vae", 25, log), 0, time.perf_counter()
+    f, c = vae.config.downsample_factor, vae.config.latent_channels
+    while not budget.done(step, start):
+        x = random_crops(images, torch.randint(len(images), (batch,), generator=gen), crop, f, gen)
+        noise = torch.randn(batch, c, crop // f, crop // f, generator=gen)
+        _warmup(opt, step, 50)
+        loss = vae_loss(vae, x, noise, kl_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        losses.add(step, loss.item())
+    vae.eval()
+    return losses.record(step, batch=batch, lr=lr, kl_weight=kl_weight, crop=crop)
+
+
+@torch.inference_mode()
+def encode_means(vae: AutoencoderKL, images: np.ndarray, batch: int = 256) -> Tensor:
+    """Posterior means (raw, unscaled) of every image, (n, C, h, w)."""
+    out = [vae.encode(_images(images, torch.arange(i, min(i + batch, len(images)))))[0].contiguous()
+           for i in range(0, len(images), batch)]
+    return torch.cat(out)
+
+
+def latent_scaling(means: Tensor) -> tuple[float, float]:
+    """(shift_factor, scaling_factor) that give the scaled latents mean 0 and std 1."""
+    return float(means.mean()), float(1.0 / means.std())
+
+
+@torch.inference_mode()
+def reconstruction_accuracy(vae: AutoencoderKL, images: np.ndarray, captions: list[str]) -> dict[str, Any]:
+    """Shapes-evaluator accuracy of reconstructions (through the posterior mean) against their captions."""
+    x = _images(images, torch.arange(len(images)))
+    recon = data.from_tensor(vae.decode(vae.encode(x)[0]))
+    results = [evaluate.score(img, cap) for img, cap in zip(recon, captions)]
+    err = np.abs(recon.astype(np.int16) - images.astype(np.int16))
+    return {"accuracy": evaluate.aggregate(results)["overall"]["accuracy"], "n": len(images),
+            "mean_abs_error_uint8": round(float(err.mean()), 3)}
+
+
+# --- denoiser training ------------------------------------------------------------------------------
+
+
+def sample_sigmas(model: DenoiserModel, n: int, gen: torch.Generator) -> Tensor:
+    """Training noise levels in sampler space.
+
+    Flow: ``t`` logit-normal(0, 1) then shifted by the training schedule's ``shift`` (SD3: 3), which moves
+    weight to high noise, where the layout is decided (Esser et al. 2024). VP: continuous timesteps
+    uniform in ``[0, T - 1]`` mapped through the training sigmas.
+    """
+    if model.kind == "flow":
+        shift = TRAIN_PRESETS[model.info.train_schedule].shift if model.info.train_schedule in TRAIN_PRESETS else 1.0
+        return shift_sigmas(torch.sigmoid(torch.randn(n, generator=gen)), shift)
+    t = torch.rand(n, generator=gen) * (model.num_train_timesteps - 1)
+    return timestep_to_sigma(t, model.train_sigmas, model.info.interpolation).float()
+
+
+def noised(kind: str, x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
+    """The sampler-space noisy sample at ``sigma``: ``(1 - t) x0 + t noise`` for flow, ``x0 + sigma noise`` else."""
+    s = expand_sigma(sigma, x0)
+    return (1 - s) * x0 + s * noise if kind == "flow" else x0 + s * noise
+
+
+def training_target(kind: str, x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
+    """What the network should output at ``noised(kind, x0, noise, sigma)``."""
+    s = expand_sigma(sigma, x0)
+    if kind == "flow":
+        return noise - x0
+    if kind == "eps":
+        return noise
+    if kind == "v":  # sqrt(alpha_bar) * eps - sqrt(1 - alpha_bar) * x0
+        return (noise - s * x0) / (1 + s**2) ** 0.5
+    return x0
+
+
+def raw_output(model: DenoiserModel, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """The network's raw output for the sampler-space ``x`` at ``sigma``, with the adapter's input maps."""
+    train_sigmas = model.train_sigmas if model.train_sigmas.numel() else None
+    t = model_timestep(model.kind, sigma, train_sigmas, model.info.interpolation, model.num_train_timesteps)
+    kwargs = {"context": cond["tokens"], "context_mask": cond["mask"]}
+    if model.uses_pooled:
+        kwargs["pooled"] = cond["pooled"]
+    return model.net(x * expand_sigma(c_in(model.kind, sigma), x), t, **kwargs)
+
+
+def diffusion_loss(model: DenoiserModel, x0: Tensor, noise: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """MSE between the raw output and the training target (velocity / v / eps / x0)."""
+    target = training_target(model.kind, x0, noise, sigma)
+    return F.mse_loss(raw_output(model, noised(model.kind, x0, noise, sigma), sigma, cond), target)
+
+
+class CaptionTable:
+    """Encodings of every distinct caption (and ``""``) under a frozen text encoder, gathered by index."""
+
+    def __init__(self, text: TextEncoder, captions: Sequence[str]) -> None:
+        self.index = {c: i for i, c in enumerate(dict.fromkeys(["", *captions]))}
+        with torch.inference_mode():
+            tokens, pooled, mask = text.encode(list(self.index), pad_to_max_length=True)
+        self.tokens, self.pooled, self.mask = tokens.clone(), pooled.clone(), mask.clone()
+
+    def __call__(self, captions: Sequence[str]) -> dict[str, Tensor]:
+        idx = torch.tensor([self.index[c] for c in captions])
+        return {"tokens": self.tokens[idx], "pooled": self.pooled[idx], "mask": self.mask[idx]}
+
+
+def encode_captions(text: TextEncoder, captions: Sequence[str]) -> dict[str, Tensor]:
+    tokens, pooled, mask = text.encode(list(captions), pad_to_max_length=True)
+    return {"tokens": tokens, "pooled": pooled, "mask": mask}
+
+
+def train_denoiser(model: DenoiserModel, text: TextEncoder, latents: Tensor, captions: Sequence[str],
+                   budget: Budget, train_text: bool, batch: int = 64, lr: float = 1e-3, text_lr: float = 3e-4,
+                   drop: float = 0.1, ema_decay: float = 0.999, warmup: int = 100, seed: int = 0,
+                   name: str = "denoiser", log: Log = print) -> tuple[dict[str, Any], EMA, EMA | None]:
+    """Train ``model.net`` (and ``text`` when ``train_text``) on (scaled latent, caption) pairs.
+
+    Returns the record and the EMAs of the network and (when trained) the text encoder.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    model.net.train()
+    groups = [{"params": list(model.net.parameters()), "base_lr": lr}]
+    if train_text:
+        text.train().requires_grad_(True)
+        groups.append({"params": list(text.parameters()), "base_lr": text_lr})
+        table = None
+    else:
+        text.eval().requires_grad_(False)
+        table = CaptionTable(text, captions)
+    opt = _adamw(groups, lr)
+    ema, text_ema = EMA(model.net, ema_decay), EMA(text, ema_decay) if train_text else None
+    losses, step, start = LossLog(name, 25, log), 0, time.perf_counter()
+    while not budget.done(step, start):
+        idx = torch.randint(len(latents), (batch,), generator=gen)
+        keep = torch.rand(batch, generator=gen) >= drop
+        batch_captions = [captions[i] if k else "" for i, k in zip(idx.tolist(), keep.tolist())]
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = sample_sigmas(model, batch, gen)
+        cond = encode_captions(text, batch_captions) if train_text else table(batch_captions)
+        _warmup(opt, step, warmup)
+        loss = diffusion_loss(model, x0, noise, sigma, cond)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        opt.step()
+        ema.update(model.net)
+        if text_ema is not None:
+            text_ema.update(text)
+        step += 1
+        losses.add(step, loss.item())
+    model.net.eval()
+    text.eval()
+    record = losses.record(step, batch=batch, lr=lr, text_lr=text_lr if train_text else None, caption_drop=drop,
+                           ema_decay=ema_decay, prediction=model.kind, train_schedule=model.info.train_schedule)
+    return record, ema, text_ema
+
+
+# --- evaluation -------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def generate(model: DenoiserModel, text: TextEncoder, vae: AutoencoderKL, captions: Sequence[str], scale: float,
+             steps: int = 20, seed: int = 0, batch: int = 50) -> np.ndarray:
+    """Images (uint8) for ``captions`` with CFG ``scale`` and ``steps`` Euler steps, as the engine's graphs do."""
+    if model.kind == "flow":
+        sigmas = append_zero(flow_sigmas(steps))
+    else:
+        sigmas = scheduler_sigmas("euler", steps, schedule_of(model.info))
+    negative = encode_captions(text, [""])
+    f, c = vae.config.downsample_factor, vae.config.latent_channels
+    out = []
+    for i in range(0, len(captions), batch):
+        chunk = list(captions[i:i + batch])
+        noise = torch.cat([torch.randn(1, c, 64 // f, 64 // f, generator=torch.Generator().manual_seed(seed + i + j))
+                           for j in range(len(chunk))])
+        x = noise * sigmas[0]  # flow: (1 - 1) * 0 + 1 * noise; VP: 0 + sigma_max * noise
+        guided = Guided(model, negative, scale)
+        cond = encode_captions(text, chunk)
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            x = euler_step(x, guided(x, s, cond), s, s_next)
+        out.append(data.from_tensor(vae.decode(vae.unscale_latent(x))))
+    return np.concatenate(out)
+
+
+def evaluate_denoiser(model: DenoiserModel, text: TextEncoder, vae: AutoencoderKL, n: int = 100,
+                      scales: Sequence[float] = (3.0,), seed: int = 1234) -> dict[str, Any]:
+    """Per-category accuracy (``nodes.shapes.evaluate``) of ``n`` grammar captions at each guidance scale."""
+    rng = np.random.default_rng(seed)
+    captions = [data.sample_caption(rng) for _ in range(n)]
+    report = {}
+    for scale in scales:
+        images = generate(model, text, vae, captions, scale, seed=seed)
+        agg = evaluate.aggregate(evaluate.score(img, cap) for img, cap in zip(images, captions))
+        cats = agg["categories"]
+        report[str(scale)] = {
+            "overall": agg["overall"]["accuracy"], "mean_category": agg["mean_category_accuracy"],
+            "single_color_shape": cats["single"]["checks"]["color_shape"]["accuracy"],
+            "single_position": cats["single"]["checks"].get("position", {}).get("accuracy"),
+            **{cat: cats[cat]["accuracy"] for cat in ("single", "two", "relation", "count") if cat in cats},
+            "n": {cat: cats[cat]["n"] for cat in cats},
+        }
+    return report
+
+
+# --- the family -------------------------------------------------------------------------------------
+
+
+def _save(model: nn.Module, folder: Path, dtype: torch.dtype) -> int:
+    save_folder(copy.deepcopy(model).to(dtype), folder)
+    return (folder / "model.safetensors").stat().st_size
+
+
+def train_family(args: argparse.Namespace, log: Log = print) -> dict[str, Any]:
+    """All stages in order; writes the four model folders and ``training.json`` under ``args.out``."""
+    out, dtype = Path(args.out), getattr(torch, args.dtype)
+    start = time.perf_counter()
+    report: dict[str, Any] = {"command": "python -m nodes.training " + " ".join(args.argv), "seed": args.seed,
+                              "torch_threads": torch.get_num_threads(), "models": {}}
+
+    t = time.perf_counter()
+    images, captions = make_dataset(args.seed, args.samples)
+    held_images, held_captions = make_dataset(args.seed + 1, args.check)
+    report["data"] = {"samples": args.samples, "seed": args.seed, "held_out": args.check,
+                      "held_out_seed": args.seed + 1, "wall_s": round(time.perf_counter() - t, 1)}
+
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(VAEConfig.from_name("shapes"))
+    record = train_vae(vae, images, Budget(args.minutes_vae, args.steps_vae), batch=args.batch_vae,
+                       lr=args.lr_vae, seed=args.seed, log=log)
+    t = time.perf_counter()
+    shift, scale = latent_scaling(encode_means(vae, images[: args.check]))
+    vae.config = vae.config.replace(shift_factor=shift, scaling_factor=scale)
+    record["shift_factor"], record["scaling_factor"] = shift, scale
+    record["reconstruction"] = reconstruction_accuracy(vae, held_images, held_captions)
+    log(f"vae reconstruction {record['reconstruction']}")
+    latents = vae.scale_latent(encode_means(vae, images))
+    record["encode_wall_s"] = round(time.perf_counter() - t, 1)
+    record["latent_std"] = round(float(latents.std()), 4)
+    record["bytes"] = _save(vae, out / "vae", dtype)
+    report["models"]["vae"] = record
+    del images
+
+    torch.manual_seed(args.seed + 1)
+    text = TextEncoder(TextConfig.from_name("shapes"))
+    dit = DenoiserModel(DiT(DiTConfig.from_name("shapes")), DenoiserInfo("flow", "sd3", "tiny-shapes"))
+    record, ema, text_ema = train_denoiser(
+        dit, text, latents, captions, Budget(args.minutes_dit, args.steps_dit), train_text=True,
+        batch=args.batch, lr=args.lr_dit, text_lr=args.lr_text, seed=args.seed + 1, name="dit", log=log)
+    dit.net, text = ema.model, text_ema.model
+    record["bytes"] = _save(dit.net, out / "dit", dtype)
+    dit.info.write(out / "dit")
+    report["models"]["dit"] = record
+    report["models"]["text"] = {"trained_with": "dit", "steps": record["steps"], "lr": args.lr_text,
+                                "bytes": _save(text, out / "text", dtype)}
+
+    torch.manual_seed(args.seed + 2)
+    unet = DenoiserModel(UNet(UNetConfig.from_name("shapes")), DenoiserInfo("v", "sd15", "tiny-shapes"))
+    record, ema, _ = train_denoiser(
+        unet, text, latents, captions, Budget(args.minutes_unet, args.steps_unet), train_text=False,
+        batch=args.batch, lr=args.lr_unet, seed=args.seed + 2, name="unet", log=log)
+    unet.net = ema.model
+    record["bytes"] = _save(unet.net, out / "unet", dtype)
+    unet.info.write(out / "unet")
+    report["models"]["unet"] = record
+
+    report["train_wall_s"] = round(time.perf_counter() - start, 1)
+    report["weights_bytes"] = sum(m["bytes"] for m in report["models"].values())
+    if args.eval:
+        report["evaluation"] = {"captions": args.eval, "steps": 20, "sampler": "euler"}
+        for name, model in (("dit", dit), ("unet", unet)):
+            report["evaluation"][name] = evaluate_denoiser(model, text, vae, args.eval, args.scales)
+            log(f"{name} evaluation {json.dumps(report['evaluation'][name])}")
+    report["total_wall_s"] = round(time.perf_counter() - start, 1)
+    (out / "training.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m nodes.training", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="nodes/weights/tiny-shapes", help="folder for vae/ text/ dit/ unet/")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=32000, help="training images (and latents)")
+    p.add_argument("--check", type=int, default=500, help="held-out images for the reconstruction check")
+    for name, minutes, steps in (("vae", 6.0, 1500), ("dit", 24.0, 4000), ("unet", 19.0, 4000)):
+        p.add_argument(f"--minutes-{name}", type=float, default=minutes, help=f"{name} time budget")
+        p.add_argument(f"--steps-{name}", type=int, default=steps, help=f"{name} step cap")
+    p.add_argument("--batch-vae", type=int, default=32)
+    p.add_argument("--batch", type=int, default=64, help="denoiser batch size")
+    p.add_argument("--lr-vae", type=float, default=2e-3)
+    p.add_argument("--lr-dit", type=float, default=1e-3)
+    p.add_argument("--lr-text", type=float, default=1e-3)
+    p.add_argument("--lr-unet", type=float, default=1e-3)
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored weight dtype")
+    p.add_argument("--eval", type=int, default=100, help="captions to sample and score at the end (0: skip)")
+    p.add_argument("--scales", type=float, nargs="+", default=[2.0, 3.0, 5.0], help="guidance scales to evaluate")
+    args = p.parse_args(argv)
+    args.argv = list(argv) if argv is not None else []
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import sys
+
+    torch.set_num_threads(2)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    report = train_family(args, log=lambda msg: print(msg, flush=True))
+    print(json.dumps({k: v for k, v in report.items() if k != "models"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Training of the tiny-shapes family: trainers reduce their loss on tiny presets, and the diffusion loss
+uses exactly the parameterisation the engine's ``DenoiserModel`` samples with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from nodes.adapters import DenoiserInfo, DenoiserModel
+from nodes.diffusion.parameterization import to_denoised
+from nodes.models.config import load_folder
+from nodes.models.dit import DiT, DiTConfig
+from nodes.models.text import TextConfig, TextEncoder
+from nodes.models.unet import UNet, UNetConfig
+from nodes.models.vae import AutoencoderKL, VAEConfig
+from nodes.shapes import data
+from nodes.training import (
+    EMA, Budget, CaptionTable, diffusion_loss, encode_captions, generate, latent_scaling, make_dataset, noised,
+    raw_output, sample_sigmas, train_denoiser, train_vae, training_target, vae_loss,
+)
+
+INFOS = {
+    "flow": DenoiserInfo("flow", "sd3", "tiny-test"),
+    "v": DenoiserInfo("v", "sd15", "tiny-test"),
+    "eps": DenoiserInfo("eps", "sd15", "tiny-test"),
+    "x0": DenoiserInfo("x0", "improved_ddpm", "tiny-test"),
+}
+CAPTIONS = ["a red circle on the left", "two blue squares", "a green triangle above a white circle", ""]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_text(seed: int = 0) -> TextEncoder:
+    torch.manual_seed(seed)
+    return TextEncoder(TextConfig.from_name("tiny-test"))
+
+
+def tiny_net(arch: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return DiT(DiTConfig.from_name("tiny-test")) if arch == "dit" else UNet(UNetConfig.from_name("tiny-test"))
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every weight random (zero-initialised output layers included), so outputs depend on all inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.1 if p.dim() == 1 else p[0].numel() ** -0.5))
+    return model.eval()
+
+
+def batch_of(model: DenoiserModel, n: int = 4, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(n, 4, 8, 8, generator=gen)
+    return x0, torch.randn(x0.shape, generator=gen), sample_sigmas(model, n, gen)
+
+
+# --- parameterisation: the training loss matches the adapter ----------------------------------------
+
+
+class Oracle(nn.Module):
+    """A "network" that returns a fixed output and records the inputs the adapter gave it."""
+
+    def __init__(self, output: Tensor) -> None:
+        super().__init__()
+        self.output, self.weight = output, nn.Parameter(torch.zeros(()))
+        self.seen: tuple[Tensor, Tensor] | None = None
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
+        self.seen = (x.clone(), t.clone())
+        return self.output
+
+
+@pytest.mark.parametrize("kind", list(INFOS))
+def test_training_target_denoises_to_x0_through_the_adapter(kind: str) -> None:
+    probe = DenoiserModel(Oracle(torch.zeros(())), INFOS[kind])
+    x0, noise, sigma = batch_of(probe)
+    x = noised(kind, x0, noise, sigma)
+    target = training_target(kind, x0, noise, sigma)
+    torch.testing.assert_close(to_denoised(kind, target, x, sigma), x0, atol=1e-4, rtol=1e-4)
+    # A network that outputs exactly the training target makes the engine's adapter return x0 ...
+    oracle = Oracle(target)
+    model = DenoiserModel(oracle, INFOS[kind])
+    cond = {"tokens": torch.zeros(4, 3, 16), "mask": torch.ones(4, 3, dtype=torch.bool)}
+    torch.testing.assert_close(model(x, sigma, cond), x0, atol=1e-4, rtol=1e-4)
+    # ... and it saw the same network input and timestep as during training.
+    seen_at_sampling = oracle.seen
+    raw_output(model, x, sigma, cond)
+    for a, b in zip(seen_at_sampling, oracle.seen):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("arch,kind", [("dit", "flow"), ("unet", "v"), ("unet", "eps"), ("dit", "x0")])
+def test_raw_output_matches_denoiser_model(arch: str, kind: str) -> None:
+    model = DenoiserModel(randomize(tiny_net(arch)), INFOS[kind])
+    x0, noise, sigma = batch_of(model)
+    x = noised(kind, x0, noise, sigma)
+    cond = encode_captions(randomize(tiny_text()), CAPTIONS)
+    with torch.no_grad():
+        expected = model(x, sigma, cond)
+        got = to_denoised(kind, raw_output(model, x, sigma, cond), x, sigma)
+    torch.testing.assert_close(got, expected)
+
+
+def test_noise_levels_cover_the_training_range() -> None:
+    gen = torch.Generator().manual_seed(0)
+    flow = sample_sigmas(DenoiserModel(Oracle(torch.zeros(())), INFOS["flow"]), 2000, gen)
+    # logit-normal(0, 1) shifted by the sd3 schedule's 3: the median 0.5 moves to 3 * 0.5 / (1 + 2 * 0.5).
+    assert 0 < float(flow.min()) and float(flow.max()) < 1 and abs(float(flow.median()) - 0.75) < 0.03
+    vp = DenoiserModel(Oracle(torch.zeros(())), INFOS["v"])
+    sigmas = sample_sigmas(vp, 2000, gen)
+    lo, hi = float(vp.train_sigmas[0]), float(vp.train_sigmas[-1])
+    assert lo * 0.999 <= float(sigmas.min()) < 0.2 and 10 < float(sigmas.max()) <= hi * 1.001
+
+
+# --- trainers reduce their loss ---------------------------------------------------------------------
+
+
+def test_vae_trainer_reduces_loss() -> None:
+    images, _ = make_dataset(0, 8)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig.from_name("tiny-test"))
+    x = data.to_tensor(images)
+    noise = torch.randn(8, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = float(vae_loss(vae, x, noise, 1e-4))
+    record = train_vae(vae, images, Budget(5.0, 25), batch=8, lr=3e-3, log=lambda _: None)
+    with torch.no_grad():
+        after = float(vae_loss(vae, x, noise, 1e-4))
+    assert record["steps"] == 25 and after < 0.7 * before
+
+
+@pytest.mark.parametrize("arch,kind,train_text", [("dit", "flow", True), ("unet", "v", False)])
+def test_denoiser_trainer_reduces_loss(arch: str, kind: str, train_text: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 4, 8, 8, generator=gen).repeat(4, 1, 1, 1)
+    captions = CAPTIONS * 4
+    model, text = DenoiserModel(tiny_net(arch), INFOS[kind]), tiny_text()
+    x0, noise, sigma = batch_of(model, n=16, seed=1)
+    x0 = latents
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(diffusion_loss(model, x0, noise, sigma, encode_captions(text, captions)))
+
+    before = loss()
+    text_before = [p.clone() for p in text.parameters()]
+    record, ema, text_ema = train_denoiser(model, text, latents, captions, Budget(5.0, 50), train_text=train_text,
+                                           batch=16, lr=3e-3, text_lr=1e-3, warmup=5,
+                                           log=lambda _: None)
+    assert record["steps"] == 50 and loss() < 0.9 * before
+    text_changed = any(not torch.equal(a, b) for a, b in zip(text_before, text.parameters()))
+    assert text_changed == train_text and (text_ema is not None) == train_text
+    assert not torch.equal(next(ema.model.parameters()), next(model.net.parameters()))
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+
+
+def test_caption_table_matches_encoding() -> None:
+    text = randomize(tiny_text())
+    table = CaptionTable(text, CAPTIONS[:3] * 2)
+    got, want = table(["", CAPTIONS[1], CAPTIONS[0]]), encode_captions(text, ["", CAPTIONS[1], CAPTIONS[0]])
+    for key in ("tokens", "pooled", "mask"):
+        torch.testing.assert_close(got[key], want[key])
+
+
+def test_ema_warms_up_then_tracks() -> None:
+    net = nn.Linear(2, 2)
+    ema = EMA(net, decay=0.9)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)  # decay min(0.9, 2 / 11)
+    expected = net.weight - (2 / 11) * 1.0
+    torch.testing.assert_close(ema.model.weight, expected)
+
+
+def test_latent_scaling_normalises() -> None:
+    means = torch.randn(64, 4, 4, 4) * 3 + 0.5
+    shift, scale = latent_scaling(means)
+    scaled = (means - shift) * scale
+    assert abs(float(scaled.mean())) < 1e-5 and abs(float(scaled.std()) - 1) < 1e-5
+
+
+def test_generate_runs_the_engine_parameterisation() -> None:
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig.from_name("tiny-test")).eval()
+    text = tiny_text().eval()
+    for arch, kind in (("dit", "flow"), ("unet", "v")):
+        model = DenoiserModel(tiny_net(arch).eval(), INFOS[kind])
+        images = generate(model, text, vae, CAPTIONS[:2], scale=3.0, steps=2)
+        assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
+
+
+# --- the shipped family -----------------------------------------------------------------------------
+
+WEIGHTS = Path(__file__).resolve().parents[2] / "nodes" / "weights" / "tiny-shapes"
+
+
+def test_shipped_family_loads_and_fits_together() -> None:
+    folders = {name: WEIGHTS / name for name in ("vae", "text", "dit", "unet")}
+    total = sum((f / "model.safetensors").stat().st_size for f in folders.values())
+    assert total <= 25_000_000
+    vae, text = load_folder(folders["vae"], dtype="float32"), load_folder(folders["text"], dtype="float32")
+    assert vae.config.space == "tiny-shapes" and vae.config.downsample_factor == 4
+    assert vae.config.latent_channels == 4 and vae.config.scaling_factor != 1.0
+    for name, kind, schedule in (("dit", "flow", "sd3"), ("unet", "v", "sd15")):
+        info = DenoiserInfo.read(folders[name])
+        assert (info.prediction, info.train_schedule, info.latent_space) == (kind, schedule, "tiny-shapes")
+        net = load_folder(folders[name], dtype="float32")
+        assert net.config.context_dim == text.config.width
+    report = json.loads((WEIGHTS / "training.json").read_text())
+    assert {"vae", "text", "dit", "unet"} <= set(report["models"])
+    assert report["models"]["vae"]["reconstruction"]["accuracy"] >= 0.98
