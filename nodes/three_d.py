@@ -287,7 +287,7 @@ def write_mesh(mesh: dict[str, Tensor], path: Any) -> None:
     try:
         import open3d as o3d
     except (ImportError, OSError) as exc:
-        raise RuntimeError("saving a mesh needs open3d: pip install 'nodegraph[three_d]' (open3d-cpu; on Debian "
+        raise RuntimeError("saving a mesh needs open3d: pip install 'nodegraph[mesh]' (open3d-cpu; on Debian "
                            f"also apt-get install libusb-1.0-0). Import failed: {exc}") from None
     out = o3d.geometry.TriangleMesh(
         o3d.utility.Vector3dVector(mesh["vertices"].detach().cpu().double().numpy()),

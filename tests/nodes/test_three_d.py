@@ -220,7 +220,7 @@ def test_mesh_files_round_trip_through_open3d(engine3d: Engine, tmp_path: Path, 
 def test_missing_open3d_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(__import__("sys").modules, "open3d", None)  # makes `import open3d` raise ImportError
     mesh = td.mesh_marching_cubes(td.blob_field(8, 10.0, 0.3, [0.5] * 3))
-    with pytest.raises(RuntimeError, match=r"needs open3d: pip install 'nodegraph\[three_d\]'"):
+    with pytest.raises(RuntimeError, match=r"needs open3d: pip install 'nodegraph\[mesh\]'"):
         td.write_mesh(mesh, tmp_path / "m.ply")
     assert not (tmp_path / "m.ply").exists()
 
