@@ -15,6 +15,7 @@ import sys
 import time
 
 import torch
+from _table import print_table
 
 from nodegraph import Engine, Registry, node
 from nodegraph import types as T
@@ -173,12 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     for channels, size in ((4, 16), (4, 32), (8, 64)):
         rows.append(bench_loop(reg, args.iterations, args.repeats, channels, size))
     rows.append(bench_partial(reg))
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measurement'.ljust(width)} | result")
-    print(f"{'-' * width}-|-{'-' * 60}")
-    for name, value in rows:
-        print(f"{name.ljust(width)} | {value}")
-    print(f"\ntorch {torch.__version__}, threads={torch.get_num_threads()}, python {sys.version.split()[0]}")
+    print_table(rows, f"torch {torch.__version__}, threads={torch.get_num_threads()}, python {sys.version.split()[0]}")
     return 0
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _table import print_table
 
 from nodegraph import Engine
 from nodes.shapes import data, evaluate
@@ -79,12 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         results, seconds, meta = run_graph(path, caps, args.seed)
         rows.extend(rows_for(path.stem, results, seconds))
         dump[path.stem] = {"meta": meta, "results": results}
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measurement'.ljust(width)} | result")
-    print(f"{'-' * width}-|-{'-' * 40}")
-    for name, value in rows:
-        print(f"{name.ljust(width)} | {value}")
-    print(f"\n{args.n} captions drawn with seed {args.seed}; image i uses noise seed {args.seed} + i")
+    print_table(rows, f"{args.n} captions drawn with seed {args.seed}; image i uses noise seed {args.seed} + i")
     if args.json:
         args.json.write_text(json.dumps(dump, default=str, indent=1))
     return 0

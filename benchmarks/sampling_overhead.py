@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from _table import print_table
 
 from nodegraph import Engine
 from nodes.adapters import DenoiserInfo, DenoiserModel, Guided
@@ -162,12 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = build_models(Path(tmp))
         rows.append(bench_overhead(paths, args.steps, args.repeats, args.size))
         rows.extend(bench_memory(paths, 4, args.memory_size, args.memory_batch))
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measurement'.ljust(width)} | result")
-    print(f"{'-' * width}-|-{'-' * 60}")
-    for name, value in rows:
-        print(f"{name.ljust(width)} | {value}")
-    print(f"\ntorch {torch.__version__}, threads={torch.get_num_threads()}")
+    print_table(rows, f"torch {torch.__version__}, threads={torch.get_num_threads()}")
     return 0
 
 
