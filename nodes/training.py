@@ -14,11 +14,11 @@ Stages
    means (scaled latents have mean 0 and std 1) and reconstructions are checked with the shapes
    evaluator. Every image is then encoded once (posterior mean, scaled) so no stage re-encodes.
 3. **DiT + text encoder**, trained jointly (gradients reach the text encoder), rectified flow: ``t`` drawn
-   logit-normal and shifted by 3 (the ``sd3`` schedule), ``x = (1 - t) x0 + t noise``, target velocity
-   ``noise - x0``.
+   logit-normal(0, 1) (``--dit-shift`` applies an SD3-style shift; the shipped weights used none),
+   ``x = (1 - t) x0 + t noise``, target velocity ``noise - x0``.
 4. **U-Net** with the (EMA) text encoder frozen (each distinct caption is encoded once), ``v``
    prediction on the ``sd15`` discrete VP schedule, continuous timesteps uniform in ``[0, T - 1]`` (what the
-   shipped weights used). Next to try: the cosine schedule (``improved_ddpm``), whose last timestep has
+   shipped weights used). Next to try: ``--unet-schedule improved_ddpm`` (cosine), whose last timestep has
    almost no signal left (sigma 2e4 against sd15's 14.6): on 16x16 latents sd15's last timestep still shows
    where a large object is, so a model can take the layout from the noise and sampling, which starts from
    pure noise, then ignores the position words (Lin et al. 2024).
@@ -221,16 +221,15 @@ def reconstruction_accuracy(vae: AutoencoderKL, images: np.ndarray, captions: li
 # --- denoiser training ------------------------------------------------------------------------------
 
 
-def sample_sigmas(model: DenoiserModel, n: int, gen: torch.Generator) -> Tensor:
+def sample_sigmas(model: DenoiserModel, n: int, gen: torch.Generator, flow_shift: float = 1.0) -> Tensor:
     """Training noise levels in sampler space.
 
-    Flow: ``t`` logit-normal(0, 1) then shifted by the training schedule's ``shift`` (SD3: 3), which moves
-    weight to high noise, where the layout is decided (Esser et al. 2024). VP: continuous timesteps
-    uniform in ``[0, T - 1]`` mapped through the training sigmas.
+    Flow: ``t`` logit-normal(0, 1) (Esser et al. 2024), then shifted by ``flow_shift`` (SD3 uses 3; a shift
+    above 1 moves weight to high noise, where the layout is decided). VP: continuous timesteps uniform in
+    ``[0, T - 1]`` mapped through the training sigmas.
     """
     if model.kind == "flow":
-        shift = TRAIN_PRESETS[model.info.train_schedule].shift if model.info.train_schedule in TRAIN_PRESETS else 1.0
-        return shift_sigmas(torch.sigmoid(torch.randn(n, generator=gen)), shift)
+        return shift_sigmas(torch.sigmoid(torch.randn(n, generator=gen)), flow_shift)
     t = torch.rand(n, generator=gen) * (model.num_train_timesteps - 1)
     return timestep_to_sigma(t, model.train_sigmas, model.info.interpolation).float()
 
@@ -290,8 +289,8 @@ def encode_captions(text: TextEncoder, captions: Sequence[str]) -> dict[str, Ten
 
 def train_denoiser(model: DenoiserModel, text: TextEncoder, latents: Tensor, captions: Sequence[str],
                    budget: Budget, train_text: bool, batch: int = 64, lr: float = 1e-3, text_lr: float = 3e-4,
-                   drop: float = 0.1, ema_decay: float = 0.999, warmup: int = 100, seed: int = 0,
-                   name: str = "denoiser", log: Log = print) -> tuple[dict[str, Any], EMA, EMA | None]:
+                   drop: float = 0.1, ema_decay: float = 0.999, warmup: int = 100, flow_shift: float = 1.0,
+                   seed: int = 0, name: str = "denoiser", log: Log = print) -> tuple[dict[str, Any], EMA, EMA | None]:
     """Train ``model.net`` (and ``text`` when ``train_text``) on (scaled latent, caption) pairs.
 
     Returns the record and the EMAs of the network and (when trained) the text encoder.
@@ -315,7 +314,7 @@ def train_denoiser(model: DenoiserModel, text: TextEncoder, latents: Tensor, cap
         batch_captions = [captions[i] if k else "" for i, k in zip(idx.tolist(), keep.tolist())]
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
-        sigma = sample_sigmas(model, batch, gen)
+        sigma = sample_sigmas(model, batch, gen, flow_shift)
         cond = encode_captions(text, batch_captions) if train_text else table(batch_captions)
         _warmup(opt, step, warmup)
         loss = diffusion_loss(model, x0, noise, sigma, cond)
@@ -331,7 +330,8 @@ def train_denoiser(model: DenoiserModel, text: TextEncoder, latents: Tensor, cap
     model.net.eval()
     text.eval()
     record = losses.record(step, batch=batch, lr=lr, text_lr=text_lr if train_text else None, caption_drop=drop,
-                           ema_decay=ema_decay, prediction=model.kind, train_schedule=model.info.train_schedule)
+                           ema_decay=ema_decay, prediction=model.kind, train_schedule=model.info.train_schedule,
+                           flow_shift=flow_shift if model.kind == "flow" else None)
     return record, ema, text_ema
 
 
@@ -425,7 +425,8 @@ def train_family(args: argparse.Namespace, log: Log = print) -> dict[str, Any]:
     dit = DenoiserModel(DiT(DiTConfig.from_name("shapes")), DenoiserInfo("flow", "sd3", "tiny-shapes"))
     record, ema, text_ema = train_denoiser(
         dit, text, latents, captions, Budget(args.minutes_dit, args.steps_dit), train_text=True,
-        batch=args.batch, lr=args.lr_dit, text_lr=args.lr_text, seed=args.seed + 1, name="dit", log=log)
+        batch=args.batch, lr=args.lr_dit, text_lr=args.lr_text, flow_shift=args.dit_shift, seed=args.seed + 1,
+        name="dit", log=log)
     dit.net, text = ema.model, text_ema.model
     record["bytes"] = _save(dit.net, out / "dit", dtype)
     dit.info.write(out / "dit")
@@ -434,7 +435,7 @@ def train_family(args: argparse.Namespace, log: Log = print) -> dict[str, Any]:
                                 "bytes": _save(text, out / "text", dtype)}
 
     torch.manual_seed(args.seed + 2)
-    unet = DenoiserModel(UNet(UNetConfig.from_name("shapes")), DenoiserInfo("v", "sd15", "tiny-shapes"))
+    unet = DenoiserModel(UNet(UNetConfig.from_name("shapes")), DenoiserInfo("v", args.unet_schedule, "tiny-shapes"))
     record, ema, _ = train_denoiser(
         unet, text, latents, captions, Budget(args.minutes_unet, args.steps_unet), train_text=False,
         batch=args.batch, lr=args.lr_unet, seed=args.seed + 2, name="unet", log=log)
@@ -461,7 +462,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=32000, help="training images (and latents)")
     p.add_argument("--check", type=int, default=500, help="held-out images for the reconstruction check")
-    for name, minutes, steps in (("vae", 6.0, 1500), ("dit", 24.0, 4000), ("unet", 19.0, 4000)):
+    for name, minutes, steps in (("vae", 7.0, 2000), ("dit", 22.0, 4000), ("unet", 17.0, 4000)):
         p.add_argument(f"--minutes-{name}", type=float, default=minutes, help=f"{name} time budget")
         p.add_argument(f"--steps-{name}", type=int, default=steps, help=f"{name} step cap")
     p.add_argument("--batch-vae", type=int, default=32)
@@ -470,6 +471,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-dit", type=float, default=1e-3)
     p.add_argument("--lr-text", type=float, default=1e-3)
     p.add_argument("--lr-unet", type=float, default=1e-3)
+    p.add_argument("--dit-shift", type=float, default=1.0, help="SD3-style shift of the DiT's logit-normal t")
+    p.add_argument("--unet-schedule", default="sd15", choices=sorted(k for k, v in TRAIN_PRESETS.items()
+                   if v.kind != "flow"), help="the U-Net's VP training schedule")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored weight dtype")
     p.add_argument("--eval", type=int, default=100, help="captions to sample and score at the end (0: skip)")
     p.add_argument("--scales", type=float, nargs="+", default=[2.0, 3.0, 5.0], help="guidance scales to evaluate")
