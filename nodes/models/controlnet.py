@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from nodes.models.config import ModelConfig, from_preset
 from nodes.models.dit import PRESETS as DIT_PRESETS
-from nodes.models.dit import DiT, DiTBlock, DiTConfig, TimestepEmbedder
+from nodes.models.dit import DiT, DiTConfig, add_stem
 from nodes.models.unet import PRESETS as UNET_PRESETS
 from nodes.models.unet import UNet, UNetConfig, UNetEncoder
 
@@ -210,14 +210,7 @@ class ControlNetDiT(nn.Module):
         super().__init__()
         self.config = config
         d, p = config.hidden_size, config.patch_size
-        self.x_embedder = nn.Conv2d(config.in_channels, d, kernel_size=p, stride=p)
-        self.t_embedder = TimestepEmbedder(d, config.frequency_dim)
-        self.pooled_embedder = (
-            nn.Sequential(nn.Linear(config.pooled_dim, d), nn.SiLU(), nn.Linear(d, d)) if config.pooled_dim else None
-        )
-        self.blocks = nn.ModuleList(
-            DiTBlock(d, config.num_heads, config.mlp_ratio, config.context_dim) for _ in range(config.control_depth)
-        )
+        add_stem(self, config, config.control_depth)
         self.hint_encoder = HintEncoder(config.hint_channels, config.hint_widths, d, patch_size=p)
         self.zero_linears = nn.ModuleList(zero_module(nn.Linear(d, d)) for _ in range(config.control_depth))
 

@@ -146,22 +146,28 @@ class FinalLayer(nn.Module):
 # --- model ------------------------------------------------------------------------------------------
 
 
+def add_stem(module: nn.Module, config: DiTConfig, depth: int) -> None:
+    """Give ``module`` a DiT's patch embedding, conditioning embedders and ``depth`` blocks, under the DiT's
+    attribute names (shared with the ControlNet, whose copies load the DiT's weights by these names)."""
+    d, p = config.hidden_size, config.patch_size
+    module.x_embedder = nn.Conv2d(config.in_channels, d, kernel_size=p, stride=p)
+    module.t_embedder = TimestepEmbedder(d, config.frequency_dim)
+    module.pooled_embedder = (
+        nn.Sequential(nn.Linear(config.pooled_dim, d), nn.SiLU(), nn.Linear(d, d)) if config.pooled_dim else None
+    )
+    module.blocks = nn.ModuleList(
+        DiTBlock(d, config.num_heads, config.mlp_ratio, config.context_dim) for _ in range(depth)
+    )
+
+
 class DiT(nn.Module):
     """Latent (N, C, H, W) + timestep + text -> prediction (N, C_out, H, W)."""
 
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
         self.config = config
-        d, p = config.hidden_size, config.patch_size
-        self.x_embedder = nn.Conv2d(config.in_channels, d, kernel_size=p, stride=p)
-        self.t_embedder = TimestepEmbedder(d, config.frequency_dim)
-        self.pooled_embedder = (
-            nn.Sequential(nn.Linear(config.pooled_dim, d), nn.SiLU(), nn.Linear(d, d)) if config.pooled_dim else None
-        )
-        self.blocks = nn.ModuleList(
-            DiTBlock(d, config.num_heads, config.mlp_ratio, config.context_dim) for _ in range(config.depth)
-        )
-        self.final_layer = FinalLayer(d, p, config.out_channels)
+        add_stem(self, config, config.depth)
+        self.final_layer = FinalLayer(config.hidden_size, config.patch_size, config.out_channels)
         self._init_weights()
 
     def _init_weights(self) -> None:
