@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from nodes.models.config import ModelConfig, from_preset
-from nodes.models.dit import TimestepEmbedder
+from nodes.models.dit import TimestepEmbedder, sincos_2d
 from nodes.models.text import Attention, FeedForward
 from nodes.models.vae import Downsample, ResBlock, Upsample
 
@@ -50,6 +50,9 @@ class UNetConfig(ModelConfig):
     context_dim: int = 768
     norm_groups: int = 32
     dropout: float = 0.0
+    #: add a fixed 2D sine-cosine position embedding to the tokens of every spatial transformer, so attention
+    #: knows where each token is (convolutions only see it through the zero padding at the borders)
+    position_embedding: bool = False
 
     def __post_init__(self) -> None:
         levels = len(self.channel_mult)
@@ -61,6 +64,8 @@ class UNetConfig(ModelConfig):
                 raise ValueError(f"level {i} width {width} is not divisible by norm_groups {self.norm_groups}")
             if (i in self.attention_levels or i == levels - 1) and width % self.num_heads:
                 raise ValueError(f"level {i} width {width} is not divisible by num_heads {self.num_heads}")
+            if (i in self.attention_levels or i == levels - 1) and self.position_embedding and width % 4:
+                raise ValueError(f"level {i} width {width} is not divisible by 4 (the 2D position embedding)")
 
     @property
     def time_dim(self) -> int:
@@ -95,8 +100,10 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Feature map -> tokens -> transformer blocks -> feature map, residual; ``proj_out`` starts at zero."""
 
-    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int) -> None:
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int,
+                 position_embedding: bool = False) -> None:
         super().__init__()
+        self.position_embedding = position_embedding
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
         self.blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim) for _ in range(depth))
@@ -107,6 +114,8 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None) -> Tensor:
         n, c, h, w = x.shape
         tokens = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (N, HW, C)
+        if self.position_embedding:
+            tokens = tokens + sincos_2d(h, w, c).to(tokens)  # (HW, C) broadcast over N
         for block in self.blocks:
             tokens = block(tokens, context, context_mask)  # (N, HW, C)
         return x + self.proj_out(tokens).transpose(1, 2).reshape(n, c, h, w)  # (N, C, H, W)
@@ -137,7 +146,8 @@ def _res_block(config: UNetConfig, in_ch: int, out_ch: int) -> ResBlock:
 
 def _transformer(config: UNetConfig, channels: int) -> SpatialTransformer:
     return SpatialTransformer(
-        channels, config.num_heads, config.transformer_depth, config.context_dim, config.norm_groups
+        channels, config.num_heads, config.transformer_depth, config.context_dim, config.norm_groups,
+        config.position_embedding,
     )
 
 
@@ -285,7 +295,7 @@ PRESETS: dict[str, UNetConfig] = {
     # 16x16x4 latents of the shapes VAE; levels at 16x16 (48 ch) and 8x8 (96 ch, attention).
     "shapes": UNetConfig(
         model_channels=48, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=4,
-        context_dim=128, norm_groups=16,
+        context_dim=128, norm_groups=16, position_embedding=True,
     ),
     "sd15": UNetConfig(),
 }

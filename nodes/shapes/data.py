@@ -210,15 +210,24 @@ def _choice(rng: np.random.Generator, seq):
     return seq[int(rng.integers(len(seq)))]
 
 
-def sample_spec(rng: np.random.Generator) -> dict[str, Any]:
-    """Draw a caption spec from the grammar (distribution: ``TEMPLATE_WEIGHTS``)."""
-    names = list(TEMPLATE_WEIGHTS)
-    probs = np.array([TEMPLATE_WEIGHTS[t] for t in names], dtype=float)
+def sample_spec(rng: np.random.Generator, weights: dict[str, float] | None = None,
+                p_position: float = P_SINGLE_POSITION) -> dict[str, Any]:
+    """Draw a caption spec from the grammar.
+
+    ``weights`` (default ``TEMPLATE_WEIGHTS``) gives the template balance and ``p_position`` the chance that a
+    single object's caption states a position; a training set may lean on the harder templates with these.
+    """
+    weights = TEMPLATE_WEIGHTS if weights is None else weights
+    unknown = set(weights) - set(TEMPLATES)
+    if unknown:
+        raise ValueError(f"unknown templates {sorted(unknown)}; known: {list(TEMPLATES)}")
+    names = list(weights)
+    probs = np.array([weights[t] for t in names], dtype=float)
     template = names[int(rng.choice(len(names), p=probs / probs.sum()))]
     if template == "single":
         color, shape = _choice(rng, COLORS), _choice(rng, SHAPES)
         size = _choice(rng, tuple(SIZES)) if rng.random() < P_SINGLE_SIZE else None
-        pos = _choice(rng, tuple(POSITIONS)) if rng.random() < P_SINGLE_POSITION else None
+        pos = _choice(rng, tuple(POSITIONS)) if rng.random() < p_position else None
         return {"template": "single", "objects": [_obj(color, shape, size, pos)]}
     if template == "two":
         color, shape = _choice(rng, COLORS), _choice(rng, SHAPES)
@@ -455,8 +464,9 @@ class Sample:
     spec: dict[str, Any] = field(default_factory=dict)
 
 
-def _sample_from_rng(rng: np.random.Generator) -> Sample:
-    spec = sample_spec(rng)
+def _sample_from_rng(rng: np.random.Generator, weights: dict[str, float] | None = None,
+                     p_position: float = P_SINGLE_POSITION) -> Sample:
+    spec = sample_spec(rng, weights, p_position)
     image, objects = realize(spec, rng)
     return Sample(image=image, caption=caption_from_spec(spec), objects=objects, spec=spec)
 
@@ -466,15 +476,17 @@ def sample(seed: int) -> Sample:
     return _sample_from_rng(np.random.default_rng(seed))
 
 
-def batch(seed: int, n: int) -> tuple[np.ndarray, list[str], list[list[dict[str, Any]]]]:
+def batch(seed: int, n: int, weights: dict[str, float] | None = None, p_position: float = P_SINGLE_POSITION
+          ) -> tuple[np.ndarray, list[str], list[list[dict[str, Any]]]]:
     """``n`` samples: ``(images uint8 (n,64,64,3), captions, objects)``.
 
     Item ``i`` is drawn from ``np.random.default_rng([seed, i])``, so
     ``batch(seed, k)`` is a prefix of ``batch(seed, n)`` for ``k <= n``.
+    ``weights`` and ``p_position`` change the caption balance (see :func:`sample_spec`).
     """
     if n < 0:
         raise ValueError("n must be >= 0")
-    samples = [_sample_from_rng(np.random.default_rng([seed, i])) for i in range(n)]
+    samples = [_sample_from_rng(np.random.default_rng([seed, i]), weights, p_position) for i in range(n)]
     images = (np.stack([s.image for s in samples]) if samples
               else np.zeros((0, CANVAS, CANVAS, 3), np.uint8))
     return images, [s.caption for s in samples], [s.objects for s in samples]

@@ -333,3 +333,20 @@ def test_text_encoder_handles_any_string_and_padding_does_not_leak() -> None:
     torch.testing.assert_close(pooled[2], alone_pooled[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(padded[0], alone_pooled[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tokens[2, : alone_tokens.shape[1]], alone_tokens[0], atol=1e-5, rtol=1e-5)
+
+
+def test_unet_position_embedding_adds_no_parameters_and_breaks_translation_symmetry() -> None:
+    base = UNetConfig.from_name("tiny-test")
+    plain, placed = UNet(base), UNet(base.replace(position_embedding=True))
+    assert plain.state_dict().keys() == placed.state_dict().keys()
+    randomize(plain)
+    placed.load_state_dict(plain.state_dict())
+    cond = text_inputs()
+    # same weights, same input: the outputs differ only through the position embedding
+    x = torch.ones(N, 4, 16, 16)
+    with torch.no_grad():
+        a, b = (net(x, torch.tensor(3.0), cond["context"], cond["context_mask"]) for net in (plain, placed))
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        UNetConfig(model_channels=6, channel_mult=(1,), attention_levels=(0,), num_heads=2, norm_groups=2,
+                   position_embedding=True)

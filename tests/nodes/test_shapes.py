@@ -469,3 +469,16 @@ def test_detect_never_raises_on_random_images(h, w, seed):
     assert isinstance(dets, list)
     r = E.score(img, "a red circle left of a blue square")
     assert r["parsed"] and isinstance(r["correct"], bool)
+
+
+def test_template_weights_change_the_balance_and_stay_in_the_grammar() -> None:
+    rng = np.random.default_rng(0)
+    specs = [D.sample_spec(rng, {"left_of": 1.0, "single": 1.0}, p_position=1.0) for _ in range(400)]
+    templates = {s["template"] for s in specs}
+    assert templates == {"left_of", "single"}
+    assert all(s["objects"][0]["position"] for s in specs if s["template"] == "single")
+    assert all(D.parse_caption(D.caption_from_spec(s)) is not None for s in specs)
+    _, captions, _ = D.batch(1, 50, {"two": 1.0})
+    assert all(c.startswith("two ") for c in captions)
+    with pytest.raises(ValueError, match="unknown templates"):
+        D.sample_spec(rng, {"three": 1.0})
