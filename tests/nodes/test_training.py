@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from nodes.adapters import DenoiserInfo, DenoiserModel
+from nodes.control import check_pair
 from nodes.diffusion.parameterization import to_denoised
 from nodes.models.config import load_folder
 from nodes.models.dit import DiT, DiTConfig
@@ -32,14 +32,6 @@ INFOS = {
     "x0": DenoiserInfo("x0", "improved_ddpm", "tiny-test"),
 }
 CAPTIONS = ["a red circle on the left", "two blue squares", "a green triangle above a white circle", ""]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_text(seed: int = 0) -> TextEncoder:
@@ -210,8 +202,8 @@ WEIGHTS = Path(__file__).resolve().parents[2] / "nodes" / "weights" / "tiny-shap
 
 
 def test_shipped_family_loads_and_fits_together() -> None:
-    folders = {name: WEIGHTS / name for name in ("vae", "text", "dit", "unet")}
-    total = sum((f / "model.safetensors").stat().st_size for f in folders.values())
+    folders = {name: WEIGHTS / name for name in ("vae", "text", "dit", "unet", "controlnet_unet", "controlnet_dit")}
+    total = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())  # every shipped file, JSON included
     assert total <= 25_000_000
     vae, text = load_folder(folders["vae"], dtype="float32"), load_folder(folders["text"], dtype="float32")
     assert vae.config.space == "tiny-shapes" and vae.config.downsample_factor == 4
@@ -221,6 +213,9 @@ def test_shipped_family_loads_and_fits_together() -> None:
         assert (info.prediction, info.train_schedule, info.latent_space) == (kind, schedule, "tiny-shapes")
         net = load_folder(folders[name], dtype="float32")
         assert net.config.context_dim == text.config.width
+        controlnet = load_folder(folders[f"controlnet_{name}"], dtype="float32")
+        assert controlnet.config.space == "tiny-shapes" and controlnet.config.hint_factor == 4
+        check_pair(controlnet, net)  # the ControlNet was trained for this denoiser's architecture
     report = json.loads((WEIGHTS / "training.json").read_text())
     assert {"vae", "text", "dit", "unet"} <= set(report["models"])
     assert report["models"]["vae"]["reconstruction"]["accuracy"] >= 0.98
