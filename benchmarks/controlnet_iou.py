@@ -29,9 +29,9 @@ from _table import print_table
 from PIL import Image
 
 from nodegraph import Engine
-from nodes.shapes import data, evaluate
+from nodes.shapes import data
 from nodes.shapes_nodes import image_to_uint8
-from nodes.training_controlnet import iou, mask_of
+from nodes.training_controlnet import adherence, iou, mask_of
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = {"unet": ("controlnet.json", "txt2img_unet.json"), "dit": ("controlnet_dit.json", "txt2img.json")}
@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, caption in enumerate(captions):
                 plain.append(run(engine, plain_graph, {"prompt.text": caption, "noise.seed": args.seed + i}))
             with_iou, without_iou = iou(mask_of(np.stack(controlled)), masks), iou(mask_of(np.stack(plain)), masks)
-            adh = {kind: [bool(evaluate.score(img, cap)["color_shape"]) for img, cap in zip(imgs, captions)]
-                   for kind, imgs in (("with", controlled), ("without", plain))}
+            adh = {"with": adherence(controlled, captions), "without": adherence(plain, captions)}
             rows += [
                 (f"{name}: mean IoU with the control mask", f"{with_iou.mean():.3f} (median {np.median(with_iou):.3f}, "
                  f"n={args.n})"),

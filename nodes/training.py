@@ -54,6 +54,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from nodes.adapters import DenoiserInfo, DenoiserModel, Guided, schedule_of  # noqa: E402
+from nodes.control import Controlled  # noqa: E402
 from nodes.diffusion.math import append_zero, expand_sigma  # noqa: E402
 from nodes.diffusion.parameterization import c_in, model_timestep  # noqa: E402
 from nodes.diffusion.schedules import PRESETS as TRAIN_PRESETS  # noqa: E402
@@ -121,7 +122,11 @@ class LossLog:
 
 
 def _adamw(params: Sequence[nn.Parameter] | list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    """AdamW without weight decay; every group keeps its own ``base_lr`` (default ``lr``) for :func:`_warmup`."""
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    for group in opt.param_groups:
+        group.setdefault("base_lr", lr)
+    return opt
 
 
 def _warmup(opt: torch.optim.Optimizer, step: int, warmup: int) -> None:
@@ -184,8 +189,6 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, budget: Budget, batch: int
     gen = torch.Generator().manual_seed(seed)
     vae.to(memory_format=torch.channels_last).train()
     opt = _adamw(vae.parameters(), lr)
-    for group in opt.param_groups:
-        group["base_lr"] = lr
     losses, step, start = LossLog("vae", 25, log), 0, time.perf_counter()
     f, c = vae.config.downsample_factor, vae.config.latent_channels
     while not budget.done(step, start):
@@ -245,6 +248,11 @@ def caption_labels(caption: str) -> list[int]:
     spec = data.parse_caption(caption)
     if spec is None:
         raise ValueError(f"caption {caption!r} is not in the shapes grammar")
+    return spec_labels(spec)
+
+
+def spec_labels(spec: dict[str, Any]) -> list[int]:
+    """The index of each :data:`CAPTION_SLOTS` value for a caption spec (``data.sample_spec`` / ``parse_caption``)."""
     first = spec["objects"][0]
     second = spec["objects"][1] if len(spec["objects"]) > 1 else {}
     values = {"template": spec["template"], "size": first.get("size"), "position": first.get("position"),
@@ -280,12 +288,11 @@ def pretrain_text(text: TextEncoder, budget: Budget, batch: int = 128, lr: float
     parser = CaptionParser(text.config.width)
     text.train().requires_grad_(True)
     opt = _adamw(list(text.parameters()) + list(parser.parameters()), lr)
-    for group in opt.param_groups:
-        group["base_lr"] = lr
     losses, step, start = LossLog("text", 25, log), 0, time.perf_counter()
     while not budget.done(step, start):
-        captions = [data.caption_from_spec(data.sample_spec(rng, weights, p_position)) for _ in range(batch)]
-        labels = torch.tensor([caption_labels(c) for c in captions])  # (B, slots)
+        specs = [data.sample_spec(rng, weights, p_position) for _ in range(batch)]
+        captions = [data.caption_from_spec(spec) for spec in specs]
+        labels = torch.tensor([spec_labels(spec) for spec in specs])  # (B, slots)
         _warmup(opt, step, 50)
         logits = parser(text.encode(captions)[1])
         loss = sum(F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(logits))
@@ -296,10 +303,10 @@ def pretrain_text(text: TextEncoder, budget: Budget, batch: int = 128, lr: float
         losses.add(step, loss.item())
     text.eval().requires_grad_(False)
     held = np.random.default_rng([seed, 18])
-    captions = [data.sample_caption(held) for _ in range(check)]
+    specs = [data.sample_spec(held) for _ in range(check)]
     with torch.inference_mode():
-        logits = parser(text.encode(captions)[1])
-    labels = torch.tensor([caption_labels(c) for c in captions])
+        logits = parser(text.encode([data.caption_from_spec(spec) for spec in specs])[1])
+    labels = torch.tensor([spec_labels(spec) for spec in specs])
     right = torch.stack([lg.argmax(-1) == labels[:, i] for i, lg in enumerate(logits)], dim=1)  # (n, slots)
     accuracy = {"exact": round(float(right.all(dim=1).float().mean()), 4),
                 **{slot: round(float(right[:, i].float().mean()), 4) for i, slot in enumerate(CAPTION_SLOTS)}}
@@ -357,10 +364,18 @@ def raw_output(model: DenoiserModel, x: Tensor, sigma: Tensor, cond: dict[str, T
     return model.net(x * expand_sigma(c_in(model.kind, sigma), x), t, **kwargs)
 
 
-def diffusion_loss(model: DenoiserModel, x0: Tensor, noise: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
-    """MSE between the raw output and the training target (velocity / v / eps / x0)."""
+def diffusion_loss(model: DenoiserModel, x0: Tensor, noise: Tensor, sigma: Tensor, cond: dict[str, Tensor],
+                   control: Callable[[Tensor], Any] | None = None) -> Tensor:
+    """MSE between the raw output and the training target (velocity / v / eps / x0).
+
+    ``control(x)``, when given, returns ControlNet residuals for the noisy sample ``x``; they are added as in
+    sampling (``nodes.training_controlnet``).
+    """
     target = training_target(model.kind, x0, noise, sigma)
-    return F.mse_loss(raw_output(model, noised(model.kind, x0, noise, sigma), sigma, cond), target)
+    x = noised(model.kind, x0, noise, sigma)
+    if control is not None:
+        cond = {**cond, "control": control(x)}
+    return F.mse_loss(raw_output(model, x, sigma, cond), target)
 
 
 class CaptionTable:
@@ -442,7 +457,6 @@ def generate(model: DenoiserModel, text: TextEncoder, vae: AutoencoderKL, captio
     ``control`` = (ControlNet, control images (n, C, H, W), strength) applies a ControlNet to each image, as
     ``control.apply`` does in a graph.
     """
-    from nodes.control import Controlled
     if model.kind == "flow":
         sigmas = append_zero(flow_sigmas(steps))
     else:
@@ -493,6 +507,21 @@ def _save(model: nn.Module, folder: Path, dtype: torch.dtype) -> int:
     return (folder / "model.safetensors").stat().st_size
 
 
+def _train_stage(report: dict[str, Any], out: Path, dtype: torch.dtype, name: str, build: Callable[[], nn.Module],
+                 info: DenoiserInfo, seed: int, text: TextEncoder, latents: Tensor, captions: Sequence[str],
+                 budget: Budget, log: Log, **options: Any) -> DenoiserModel:
+    """Build (seeded) and train one denoiser on the frozen text encoder; save its EMA weights to ``out/name``."""
+    torch.manual_seed(seed)
+    model = DenoiserModel(build(), info)
+    record, ema, _ = train_denoiser(model, text, latents, captions, budget, train_text=False, seed=seed,
+                                    name=name, log=log, **options)
+    model.net = ema.model
+    record["bytes"] = _save(model.net, out / name, dtype)
+    model.info.write(out / name)
+    report["models"][name] = record
+    return model
+
+
 def train_family(args: argparse.Namespace, log: Log = print) -> dict[str, Any]:
     """All stages in order; writes the four model folders and ``training.json`` under ``args.out``."""
     out, dtype = Path(args.out), getattr(torch, args.dtype)
@@ -531,25 +560,14 @@ def train_family(args: argparse.Namespace, log: Log = print) -> dict[str, Any]:
     record["bytes"] = _save(text, out / "text", dtype)
     report["models"]["text"] = record
 
-    torch.manual_seed(args.seed + 3)
-    dit = DenoiserModel(DiT(DiTConfig.from_name("shapes")), DenoiserInfo("flow", "sd3", "tiny-shapes"))
-    record, ema, _ = train_denoiser(
-        dit, text, latents, captions, Budget(args.minutes_dit, args.steps_dit), train_text=False,
-        batch=args.batch, lr=args.lr_dit, flow_shift=args.dit_shift, seed=args.seed + 3, name="dit", log=log)
-    dit.net = ema.model
-    record["bytes"] = _save(dit.net, out / "dit", dtype)
-    dit.info.write(out / "dit")
-    report["models"]["dit"] = record
-
-    torch.manual_seed(args.seed + 2)
-    unet = DenoiserModel(UNet(UNetConfig.from_name("shapes")), DenoiserInfo("v", args.unet_schedule, "tiny-shapes"))
-    record, ema, _ = train_denoiser(
-        unet, text, latents, captions, Budget(args.minutes_unet, args.steps_unet), train_text=False,
-        batch=args.batch, lr=args.lr_unet, high_noise=args.unet_high_noise, seed=args.seed + 2, name="unet", log=log)
-    unet.net = ema.model
-    record["bytes"] = _save(unet.net, out / "unet", dtype)
-    unet.info.write(out / "unet")
-    report["models"]["unet"] = record
+    dit = _train_stage(report, out, dtype, "dit", lambda: DiT(DiTConfig.from_name("shapes")),
+                       DenoiserInfo("flow", "sd3", "tiny-shapes"), args.seed + 3, text, latents, captions,
+                       Budget(args.minutes_dit, args.steps_dit), lr=args.lr_dit, flow_shift=args.dit_shift,
+                       batch=args.batch, log=log)
+    unet = _train_stage(report, out, dtype, "unet", lambda: UNet(UNetConfig.from_name("shapes")),
+                        DenoiserInfo("v", args.unet_schedule, "tiny-shapes"), args.seed + 2, text, latents, captions,
+                        Budget(args.minutes_unet, args.steps_unet), lr=args.lr_unet,
+                        high_noise=args.unet_high_noise, batch=args.batch, log=log)
 
     report["train_wall_s"] = round(time.perf_counter() - start, 1)
     report["weights_bytes"] = sum(m["bytes"] for m in report["models"].values())

@@ -33,7 +33,6 @@ from typing import Any, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from nodes import training as T  # noqa: E402
@@ -78,10 +77,8 @@ def new_controlnet(base: DenoiserModel, space: str) -> nn.Module:
 def controlnet_loss(base: DenoiserModel, controlnet: nn.Module, x0: Tensor, noise: Tensor, sigma: Tensor,
                     cond: dict[str, Tensor], hint: Tensor) -> Tensor:
     """The base denoiser's training loss with ``controlnet``'s residuals for the control images ``hint``."""
-    x = T.noised(base.kind, x0, noise, sigma)
-    residuals = Controlled(base, controlnet, hint).residuals(x, sigma, cond)
-    target = T.training_target(base.kind, x0, noise, sigma)
-    return F.mse_loss(T.raw_output(base, x, sigma, {**cond, "control": residuals}), target)
+    controlled = Controlled(base, controlnet, hint)
+    return T.diffusion_loss(base, x0, noise, sigma, cond, control=lambda x: controlled.residuals(x, sigma, cond))
 
 
 def train_controlnet(base: DenoiserModel, controlnet: nn.Module, text: TextEncoder, latents: Tensor,
@@ -95,8 +92,6 @@ def train_controlnet(base: DenoiserModel, controlnet: nn.Module, text: TextEncod
     controlnet.train().requires_grad_(True)
     table = T.CaptionTable(text, captions)
     opt = T._adamw(list(controlnet.parameters()), lr)
-    for group in opt.param_groups:
-        group["base_lr"] = lr
     ema = T.EMA(controlnet, ema_decay)
     losses, step, start = T.LossLog(name, 25, log), 0, time.perf_counter()
     while not budget.done(step, start):
@@ -128,9 +123,9 @@ def evaluation_cases(n: int, seed: int) -> tuple[list[str], np.ndarray]:
     return captions, mask_of(images)
 
 
-def adherence(images: np.ndarray, captions: Sequence[str]) -> float:
-    """Share of images whose objects have the caption's colours and shapes (``color_shape`` of the scorer)."""
-    return float(np.mean([bool(evaluate.score(img, cap)["color_shape"]) for img, cap in zip(images, captions)]))
+def adherence(images: Sequence[np.ndarray], captions: Sequence[str]) -> list[bool]:
+    """Per image: do its objects have the caption's colours and shapes (``color_shape`` of the scorer)?"""
+    return [bool(evaluate.score(img, cap)["color_shape"]) for img, cap in zip(images, captions)]
 
 
 def evaluate_controlnet(base: DenoiserModel, controlnet: nn.Module, text: TextEncoder, vae: AutoencoderKL,
@@ -146,8 +141,8 @@ def evaluate_controlnet(base: DenoiserModel, controlnet: nn.Module, text: TextEn
     return {"cases": n, "scale": scale, "steps": steps, "strength": strength,
             "mean_iou": round(float(ious.mean()), 4), "median_iou": round(float(np.median(ious)), 4),
             "mean_iou_without_control": round(float(iou(mask_of(plain), masks).mean()), 4),
-            "adherence_with_control": round(adherence(controlled, captions), 4),
-            "adherence_without_control": round(adherence(plain, captions), 4)}
+            "adherence_with_control": round(float(np.mean(adherence(controlled, captions))), 4),
+            "adherence_without_control": round(float(np.mean(adherence(plain, captions))), 4)}
 
 
 # --- command ----------------------------------------------------------------------------------------
