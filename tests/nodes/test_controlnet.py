@@ -16,7 +16,7 @@ import nodes.control
 from nodegraph import Engine
 from nodegraph.engine import default_registry
 from nodes.adapters import DenoiserInfo, DenoiserModel, Guided
-from nodes.control import ControlImageResized, Controlled, add_control, edges, object_mask, sigma_window
+from nodes.control import ControlImageResized, Controlled, add_control, check_pair, edges, object_mask, sigma_window
 from nodes.diffusion import schedules
 from nodes.diffusion.math import append_zero
 from nodes.models.config import load_folder, save_folder
@@ -103,6 +103,23 @@ def test_from_unet_and_from_dit_copy_the_trained_weights() -> None:
         mine, theirs = cn_dit.get_submodule(name).state_dict(), dit.get_submodule(name).state_dict()
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     assert len(cn_dit.blocks) == 1 and cn_dit.config.depth == dit.config.depth == 2
+
+
+def test_a_dit_with_long_skips_takes_control_before_its_skips_are_kept() -> None:
+    config = DiTConfig.from_name("tiny-test").replace(depth=4, long_skip=True)
+    base = DenoiserModel(randomize(DiT(config)), DenoiserInfo(prediction="flow", train_schedule="sd3",
+                                                                latent_space=SPACE))
+    controlnet = ControlNetDiT.from_dit(base.net, control_depth=2, hint_widths=HINT, space=SPACE).eval()
+    assert controlnet.config.long_skip and not hasattr(controlnet, "skip_linears")
+    check_pair(controlnet, base.net)
+    x, cond, image = inputs()
+    with torch.inference_mode():
+        plain = base(x, 0.5, cond)
+        assert torch.equal(Controlled(base, controlnet, image)(x, 0.5, cond), plain)
+        perturb(controlnet, 1)
+        residuals = Controlled(base, controlnet, image).residuals(x, 0.5, cond)
+        assert [r is None for r in residuals] == [False, False, True, True]  # the first half, unskipped
+        assert not torch.allclose(Controlled(base, controlnet, image)(x, 0.5, cond), plain)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -305,6 +305,38 @@ def test_dit_control_residuals_and_errors() -> None:
         dit(torch.randn(1, 4, 7, 8), t[:1], cond["context"][:1])
 
 
+def test_dit_long_skips_start_as_identity_then_mix_mirrored_blocks(tmp_path: Path) -> None:
+    config = DiTConfig.from_name("tiny-test").replace(depth=4)
+    plain = randomize(DiT(config))
+    skipped = DiT(config.replace(long_skip=True))
+    skipped.load_state_dict(plain.state_dict(), strict=False)  # everything but the fresh [I | 0] skips
+    assert len(skipped.skip_linears) == 2
+    cond = text_inputs()
+    x, t = torch.randn(N, 4, 8, 8), torch.tensor([1.0, 2.0])
+    with torch.no_grad():
+        torch.testing.assert_close(skipped(x, t, cond["context"]), plain(x, t, cond["context"]))
+        # Block 3 (the last) takes block 0's output, block 2 takes block 1's: perturb the last skip's
+        # skip-half and only a change in block 0's output (or earlier) may reach it.
+        skipped.skip_linears[1].weight[:, 32:].normal_(std=0.1)
+        mixed = skipped(x, t, cond["context"])
+    assert not torch.allclose(mixed, plain(x, t, cond["context"]))
+    # The wiring, spelled out: control is added after a block, then its output is kept for the mirror block.
+    control = [torch.randn(N, 16, 32), torch.randn(N, 16, 32), None, None]
+    with torch.no_grad():
+        h, c = skipped.patchify(x), skipped.condition(t, None, N)
+        h0 = skipped.blocks[0](h, c, cond["context"], None) + control[0]
+        h1 = skipped.blocks[1](h0, c, cond["context"], None) + control[1]
+        h2 = skipped.blocks[2](skipped.skip_linears[0](torch.cat([h1, h1], -1)), c, cond["context"], None)
+        h3 = skipped.blocks[3](skipped.skip_linears[1](torch.cat([h2, h0], -1)), c, cond["context"], None)
+        expected = skipped.unpatchify(skipped.final_layer(h3, c), 8, 8)
+        torch.testing.assert_close(skipped(x, t, cond["context"], control=control), expected)
+    save_folder(skipped, tmp_path / "dit")
+    loaded = load_folder(tmp_path / "dit")
+    assert loaded.config.long_skip
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, cond["context"]), mixed)
+
+
 # --- text encoder -----------------------------------------------------------------------------------
 
 
