@@ -19,7 +19,8 @@ Stages
    denoisers.
 4. **DiT**, rectified flow: ``t`` drawn logit-normal(0, 1) and shifted SD3-style by ``--dit-shift`` (3: most
    updates at high noise, where the layout is decided), ``x = (1 - t) x0 + t noise``, target velocity
-   ``noise - x0``.
+   ``noise - x0``. ``--dit-long-skip`` adds U-ViT long skips (off by default; docs/models.md has the
+   measured full run).
 5. **U-Net** (``position_embedding``: its attention layers know where each token is), ``v`` prediction on the
    ``sd15`` discrete VP schedule, continuous timesteps with density rising toward high noise
    (``--unet-high-noise``).
@@ -560,14 +561,15 @@ def train_family(args: argparse.Namespace, log: Log = print) -> dict[str, Any]:
     record["bytes"] = _save(text, out / "text", dtype)
     report["models"]["text"] = record
 
-    dit = _train_stage(report, out, dtype, "dit", lambda: DiT(DiTConfig.from_name("shapes")),
+    dit_config = DiTConfig.from_name("shapes").replace(long_skip=args.dit_long_skip)
+    dit = _train_stage(report, out, dtype, "dit", lambda: DiT(dit_config),
                        DenoiserInfo("flow", "sd3", "tiny-shapes"), args.seed + 3, text, latents, captions,
                        Budget(args.minutes_dit, args.steps_dit), lr=args.lr_dit, flow_shift=args.dit_shift,
-                       batch=args.batch, log=log)
+                       batch=args.batch_dit, log=log)
     unet = _train_stage(report, out, dtype, "unet", lambda: UNet(UNetConfig.from_name("shapes")),
                         DenoiserInfo("v", args.unet_schedule, "tiny-shapes"), args.seed + 2, text, latents, captions,
                         Budget(args.minutes_unet, args.steps_unet), lr=args.lr_unet,
-                        high_noise=args.unet_high_noise, batch=args.batch, log=log)
+                        high_noise=args.unet_high_noise, batch=args.batch_unet, log=log)
 
     report["train_wall_s"] = round(time.perf_counter() - start, 1)
     report["weights_bytes"] = sum(m["bytes"] for m in report["models"].values())
@@ -591,12 +593,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.add_argument(f"--minutes-{name}", type=float, default=minutes, help=f"{name} time budget")
         p.add_argument(f"--steps-{name}", type=int, default=steps, help=f"{name} step cap")
     p.add_argument("--batch-vae", type=int, default=32)
-    p.add_argument("--batch", type=int, default=64, help="denoiser batch size")
+    p.add_argument("--batch-dit", type=int, default=64, help="DiT batch size")
+    p.add_argument("--batch-unet", type=int, default=64, help="U-Net batch size")
     p.add_argument("--lr-vae", type=float, default=2e-3)
     p.add_argument("--lr-dit", type=float, default=1e-3)
     p.add_argument("--lr-text", type=float, default=1e-3)
     p.add_argument("--lr-unet", type=float, default=1e-3)
     p.add_argument("--dit-shift", type=float, default=3.0, help="SD3-style shift of the DiT's logit-normal t")
+    p.add_argument("--dit-long-skip", action=argparse.BooleanOptionalAction, default=False,
+                   help="U-ViT long skips between the DiT's first and second half of blocks (off: see docs/models.md)")
     p.add_argument("--unet-schedule", default="sd15", choices=sorted(k for k, v in TRAIN_PRESETS.items()
                    if v.kind != "flow"), help="the U-Net's VP training schedule")
     p.add_argument("--unet-high-noise", action=argparse.BooleanOptionalAction, default=True,
