@@ -246,8 +246,8 @@ class DiT(nn.Module):
             raise ValueError(f"control has {len(control)} residuals, expected one per block ({len(self.blocks)})")
         h = self.patchify(x)  # (N, T, D)
         c = self.condition(t, pooled, h.shape[0])  # (N, D)
-        depth, skips = len(self.blocks), []
-        first_out = depth - len(self.skip_linears) if self.skip_linears is not None else depth
+        n_skips, skips = len(self.skip_linears or ()), []
+        first_out = len(self.blocks) - n_skips  # blocks [0, n_skips) keep their output, [first_out, depth) take one
         for i, block in enumerate(self.blocks):
             if i >= first_out:
                 h = self.skip_linears[i - first_out](torch.cat([h, skips.pop()], dim=-1))  # (N, T, D)
@@ -258,7 +258,7 @@ class DiT(nn.Module):
                         f"control[{i}] has shape {tuple(control[i].shape)}, expected {tuple(h.shape)} (N, T, D)"
                     )
                 h = h + control[i]  # (N, T, D)
-            if self.skip_linears is not None and i < len(self.skip_linears):
+            if i < n_skips:
                 skips.append(h)
         out = self.final_layer(h, c)  # (N, T, p*p*C_out)
         return self.unpatchify(out, height, width)  # (N, C_out, H, W)
