@@ -204,6 +204,7 @@ class ControlNetDiT(nn.Module):
     """
 
     patchify = DiT.patchify
+    grid = DiT.grid
     condition = DiT.condition
 
     def __init__(self, config: ControlNetDiTConfig) -> None:
@@ -248,10 +249,11 @@ class ControlNetDiT(nn.Module):
         if hint_embedding.shape != h.shape:
             raise ValueError(f"hint tokens {tuple(hint_embedding.shape)} do not match the latent's {tuple(h.shape)}")
         h = h + hint_embedding  # (N, T, D)
+        grid = self.grid(*x.shape[-2:])
         c = self.condition(t, pooled, h.shape[0])  # (N, D)
         out: list[Tensor | None] = []
         for block, zero in zip(self.blocks, self.zero_linears):
-            h = block(h, c, context, context_mask)  # (N, T, D)
+            h = block(h, c, context, context_mask, grid)  # (N, T, D)
             out.append(zero(h))  # (N, T, D)
         return out + [None] * (self.config.depth - len(out))
 

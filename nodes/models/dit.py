@@ -19,6 +19,13 @@ Diffusion Models"): the outputs of the first ``depth // 2`` blocks are kept and 
 U-ViT reports that these skips speed up training markedly; they leave the first half of the blocks (the part
 a ControlNet copies) unchanged.
 
+``mix_ffn`` puts a depthwise 3x3 convolution over the token grid inside each block's MLP, between its
+expansion and the GELU ("Mix-FFN": Xie et al. 2021, "SegFormer"; used in a DiT by SANA, Xie et al. 2024, "SANA:
+Efficient High-Resolution Image Synthesis with Linear Diffusion Transformers"). Each token then mixes with its
+neighbours in every block, the locality a U-Net gets from its convolutions; on the small shapes data it lowers
+the loss reached in a fixed CPU budget (docs/models.md). The convolution starts at zero, so a Mix-FFN block
+starts as the plain MLP.
+
 The sinusoidal timestep embedding here is shared with the U-Net (``nodes.models.unet``).
 """
 
@@ -54,6 +61,7 @@ class DiTConfig(ModelConfig):
     pooled_dim: int = 768
     frequency_dim: int = 256
     long_skip: bool = False
+    mix_ffn: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -116,24 +124,50 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 # --- blocks -----------------------------------------------------------------------------------------
 
 
-class DiTBlock(nn.Module):
-    """AdaLN-Zero self-attention, un-gated cross-attention to text tokens, AdaLN-Zero MLP."""
+class MixFeedForward(nn.Module):
+    """``Linear -> (+ depthwise 3x3 conv over the token grid) -> GELU -> Linear`` (Mix-FFN, SegFormer / SANA)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, context_dim: int) -> None:
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = nn.Conv2d(hidden, hidden, kernel_size=3, padding=1, groups=hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """``x`` (N, T, D) tokens of a row-major ``grid`` (rows, columns) -> (N, T, D)."""
+        h = self.fc1(x)  # (N, T, Hd)
+        n, t, c = h.shape
+        spatial = h.transpose(1, 2).reshape(n, c, *grid)  # (N, Hd, rows, cols)
+        h = h + self.dwconv(spatial).flatten(2).transpose(1, 2)  # (N, T, Hd)
+        return self.fc2(nn.functional.gelu(h, approximate="tanh"))  # (N, T, D)
+
+
+class DiTBlock(nn.Module):
+    """AdaLN-Zero self-attention, un-gated cross-attention to text tokens, AdaLN-Zero MLP (or Mix-FFN)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, context_dim: int, mix_ffn: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, heads, qkv_bias=True)
         self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
         self.cross_attn = Attention(dim, heads, context_dim=context_dim, qkv_bias=True)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = FeedForward(dim, int(dim * mlp_ratio), approximate="tanh")
+        hidden = int(dim * mlp_ratio)
+        self.mlp = MixFeedForward(dim, hidden) if mix_ffn else FeedForward(dim, hidden, approximate="tanh")
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: Tensor, c: Tensor, context: Tensor, context_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, context: Tensor, context_mask: Tensor | None,
+                grid: tuple[int, int] | None = None) -> Tensor:
+        """``grid`` (rows, columns) of the tokens is needed with Mix-FFN."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 x (N, D)
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))  # (N, T, D)
         x = x + self.cross_attn(self.norm_cross(x), context, context_mask)  # (N, T, D)
-        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))  # (N, T, D)
+        h = modulate(self.norm2(x), shift2, scale2)  # (N, T, D)
+        if isinstance(self.mlp, MixFeedForward):
+            if grid is None:
+                raise ValueError("a Mix-FFN DiT block needs the token grid (rows, columns)")
+            return x + gate2[:, None] * self.mlp(h, grid)  # (N, T, D)
+        return x + gate2[:, None] * self.mlp(h)  # (N, T, D)
 
 
 class FinalLayer(nn.Module):
@@ -163,7 +197,7 @@ def add_stem(module: nn.Module, config: DiTConfig, depth: int) -> None:
         nn.Sequential(nn.Linear(config.pooled_dim, d), nn.SiLU(), nn.Linear(d, d)) if config.pooled_dim else None
     )
     module.blocks = nn.ModuleList(
-        DiTBlock(d, config.num_heads, config.mlp_ratio, config.context_dim) for _ in range(depth)
+        DiTBlock(d, config.num_heads, config.mlp_ratio, config.context_dim, config.mix_ffn) for _ in range(depth)
     )
 
 
@@ -182,8 +216,8 @@ class DiT(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """Xavier linears, then zero every AdaLN modulation, cross-attention output and the final layer; long skips
-        start as ``[I | 0]``."""
+        """Xavier linears, then zero every AdaLN modulation, cross-attention output, Mix-FFN convolution and the
+        final layer; long skips start as ``[I | 0]``."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -195,6 +229,8 @@ class DiT(nn.Module):
         zero = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
         for block in self.blocks:
             zero += [block.adaLN_modulation[-1], block.cross_attn.to_out]
+            if isinstance(block.mlp, MixFeedForward):
+                zero.append(block.mlp.dwconv)
         for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -203,7 +239,7 @@ class DiT(nn.Module):
             nn.init.zeros_(skip.weight)
             nn.init.zeros_(skip.bias)
             with torch.no_grad():
-                skip.weight[:, :d].copy_(torch.eye(d))
+                skip.weight[:, :d].diagonal().fill_(1.0)
 
     def patchify(self, x: Tensor) -> Tensor:
         """(N, C, H, W) -> (N, T, D) tokens with positions added, ``T = H * W / p**2``."""
@@ -213,6 +249,11 @@ class DiT(nn.Module):
         h = self.x_embedder(x)  # (N, D, H/p, W/p)
         pos = sincos_2d(h.shape[-2], h.shape[-1], h.shape[1]).to(h.device, h.dtype)  # (T, D)
         return h.flatten(2).transpose(1, 2) + pos  # (N, T, D)
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """The token grid (rows, columns) of a ``height`` x ``width`` latent."""
+        p = self.config.patch_size
+        return height // p, width // p
 
     def unpatchify(self, x: Tensor, height: int, width: int) -> Tensor:
         """(N, T, p*p*C) -> (N, C, H, W) for a latent of ``height`` x ``width``."""
@@ -245,13 +286,14 @@ class DiT(nn.Module):
         if control is not None and len(control) != len(self.blocks):
             raise ValueError(f"control has {len(control)} residuals, expected one per block ({len(self.blocks)})")
         h = self.patchify(x)  # (N, T, D)
+        grid = self.grid(height, width)
         c = self.condition(t, pooled, h.shape[0])  # (N, D)
         n_skips, skips = len(self.skip_linears or ()), []
         first_out = len(self.blocks) - n_skips  # blocks [0, n_skips) keep their output, [first_out, depth) take one
         for i, block in enumerate(self.blocks):
             if i >= first_out:
                 h = self.skip_linears[i - first_out](torch.cat([h, skips.pop()], dim=-1))  # (N, T, D)
-            h = block(h, c, context, context_mask)  # (N, T, D)
+            h = block(h, c, context, context_mask, grid)  # (N, T, D)
             if control is not None and control[i] is not None:
                 if control[i].shape != h.shape:
                     raise ValueError(

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from nodes.models.config import CheckpointError, load_folder, model_classes, save_folder
-from nodes.models.dit import DiT, DiTConfig
+from nodes.models.dit import DiT, DiTConfig, MixFeedForward
 from nodes.models.text import TextConfig, TextEncoder
 from nodes.models.unet import UNet, UNetConfig, UNetEncoder
 from nodes.models.vae import AutoencoderKL, VAEConfig
@@ -335,6 +335,43 @@ def test_dit_long_skips_start_as_identity_then_mix_mirrored_blocks(tmp_path: Pat
     assert loaded.config.long_skip
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, t, cond["context"]), mixed)
+
+
+def test_mix_ffn_convolves_each_token_with_its_grid_neighbours() -> None:
+    """Tokens are row-major over a (rows, columns) grid: a kernel that reads the left neighbour shifts every row
+    right by one token (a transposed or wrongly strided grid would shift columns or wrap rows)."""
+    ffn = MixFeedForward(1, 1)
+    with torch.no_grad():
+        ffn.fc1.weight.fill_(1.0), ffn.fc1.bias.zero_()
+        ffn.dwconv.weight.zero_(), ffn.dwconv.bias.zero_()
+        ffn.dwconv.weight[0, 0, 1, 0] = 1.0  # output (r, c) += input (r, c - 1)
+        ffn.fc2.weight.fill_(1.0), ffn.fc2.bias.zero_()
+        grid = torch.arange(1.0, 7.0).reshape(2, 3)  # 2 rows, 3 columns
+        out = ffn(grid.reshape(1, 6, 1), (2, 3)).reshape(2, 3)
+    shifted = grid + nn.functional.pad(grid[:, :-1], (1, 0))  # each token plus its left neighbour (0 at the edge)
+    torch.testing.assert_close(out, nn.functional.gelu(shifted, approximate="tanh"))
+
+
+def test_dit_mix_ffn_starts_as_the_plain_mlp_and_round_trips(tmp_path: Path) -> None:
+    config = DiTConfig.from_name("tiny-test")
+    plain = randomize(DiT(config))
+    mixed = DiT(config.replace(mix_ffn=True))
+    missing = mixed.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == [f"blocks.{i}.mlp.dwconv.{w}" for i in range(2) for w in ("bias", "weight")]
+    cond = text_inputs()
+    x, t = torch.randn(N, 4, 8, 12), torch.tensor([1.0, 2.0])  # a 4 x 6 token grid
+    with torch.no_grad():
+        torch.testing.assert_close(mixed(x, t, cond["context"]), plain(x, t, cond["context"]))
+        mixed.blocks[1].mlp.dwconv.weight.normal_(std=0.1)
+        out = mixed(x, t, cond["context"])
+    assert out.shape == x.shape and not torch.allclose(out, plain(x, t, cond["context"]))
+    with pytest.raises(ValueError, match="token grid"):
+        mixed.blocks[0](mixed.patchify(x), mixed.condition(t, None, N), cond["context"], None)
+    save_folder(mixed, tmp_path / "dit")
+    loaded = load_folder(tmp_path / "dit")
+    assert loaded.config.mix_ffn
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, cond["context"]), out)
 
 
 # --- text encoder -----------------------------------------------------------------------------------

@@ -3,7 +3,9 @@ uses exactly the parameterisation the engine's ``DenoiserModel`` samples with.""
 
 from __future__ import annotations
 
+import copy
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from torch import Tensor, nn
 from nodes.adapters import DenoiserInfo, DenoiserModel
 from nodes.control import check_pair
 from nodes.diffusion.parameterization import to_denoised
-from nodes.models.config import load_folder
+from nodes.models.config import load_folder, save_folder
 from nodes.models.dit import DiT, DiTConfig
 from nodes.models.text import TextConfig, TextEncoder
 from nodes.models.unet import UNet, UNetConfig
@@ -22,7 +24,8 @@ from nodes.models.vae import AutoencoderKL, VAEConfig
 from nodes.shapes import data
 from nodes.training import (
     EMA, Budget, CaptionTable, diffusion_loss, encode_captions, generate, latent_scaling, make_dataset, noised,
-    raw_output, sample_sigmas, train_denoiser, train_vae, training_target, vae_loss,
+    _adamw, _warmup, draw_batch, parse_args, raw_output, retrain_denoiser, sample_sigmas, train_denoiser, train_denoiser_parallel, train_vae,
+    training_target, vae_loss,
 )
 
 INFOS = {
@@ -158,6 +161,44 @@ def test_denoiser_trainer_reduces_loss(arch: str, kind: str, train_text: bool) -
     assert not torch.equal(next(ema.model.parameters()), next(model.net.parameters()))
 
 
+def test_parallel_training_takes_the_averaged_gradient_step() -> None:
+    """Two spawned processes, one half-batch each: the weights are those of single-process updates on the mean
+    of both halves' gradients, each half drawn from its rank's stream (rank 0's is the single-process one)."""
+    latents = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    captions, text = CAPTIONS * 2, randomize(tiny_text())
+    options = {"batch": 4, "lr": 1e-2, "warmup": 1, "drop": 0.25, "flow_shift": 3.0, "seed": 5, "ema_decay": 0.9}
+    model = DenoiserModel(randomize(tiny_net("dit")), INFOS["flow"])
+    start = copy.deepcopy(model.net)  # the reference's weights, taken before training moves model.net
+    record, ema = train_denoiser_parallel(model, text, latents, captions, Budget(5.0, 3), 2, verbose=False,
+                                          **options)
+    assert record["steps"] == 3 and record["processes"] == 2
+
+    ref = DenoiserModel(start, INFOS["flow"])
+    ref.net.train()
+    table = CaptionTable(text, captions)
+    opt = _adamw(list(ref.net.parameters()), options["lr"])
+    gens = [torch.Generator().manual_seed(5 + 7919 * rank) for rank in (0, 1)]
+    ref_ema = EMA(ref.net, options["ema_decay"])
+    for step in range(3):
+        grads = []
+        for gen in gens:
+            x0, noise, sigma, caps = draw_batch(ref, latents, captions, 2, options["drop"], gen, 3.0)
+            ref.net.zero_grad()
+            diffusion_loss(ref, x0, noise, sigma, table(caps)).backward()
+            grads.append([p.grad.clone() for p in ref.net.parameters()])
+        for p, a, b in zip(ref.net.parameters(), *grads):
+            p.grad = (a + b) / 2
+        nn.utils.clip_grad_norm_(list(ref.net.parameters()), 1.0)
+        _warmup(opt, step, 1)
+        opt.step()
+        ref_ema.update(ref.net)
+    for got, want in zip(model.net.state_dict().values(), ref.net.state_dict().values()):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    for got, want in zip(ema.model.state_dict().values(), ref_ema.model.state_dict().values()):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert any(not torch.equal(a, b) for a, b in zip(model.net.parameters(), randomize(tiny_net("dit")).parameters()))
+
+
 # --- helpers ----------------------------------------------------------------------------------------
 
 
@@ -179,6 +220,19 @@ def test_ema_warms_up_then_tracks() -> None:
     torch.testing.assert_close(ema.model.weight, expected)
 
 
+def test_learning_rate_warms_up_holds_then_decays_over_the_budgets_end() -> None:
+    opt = _adamw([nn.Parameter(torch.zeros(1))], 2.0)
+
+    def lr(step: int, progress: float, decay: float = 0.25) -> float:
+        _warmup(opt, step, 10, progress, decay)
+        return opt.param_groups[0]["lr"]
+
+    assert lr(4, 0.0) == 1.0 and lr(50, 0.5) == 2.0 and lr(50, 0.75) == 2.0
+    assert lr(50, 0.875) == 1.0 and lr(50, 1.0) == 0.0 and lr(50, 0.875, decay=0.0) == 2.0
+    budget = Budget(minutes=1e6, max_steps=40)
+    assert budget.progress(10, time.perf_counter()) == 0.25 and budget.done(40, time.perf_counter())
+
+
 def test_latent_scaling_normalises() -> None:
     means = torch.randn(64, 4, 4, 4) * 3 + 0.5
     shift, scale = latent_scaling(means)
@@ -194,6 +248,29 @@ def test_generate_runs_the_engine_parameterisation() -> None:
         model = DenoiserModel(tiny_net(arch).eval(), INFOS[kind])
         images = generate(model, text, vae, CAPTIONS[:2], scale=3.0, steps=2)
         assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
+
+
+def test_retraining_one_denoiser_keeps_the_family_and_its_records(tmp_path: Path) -> None:
+    """``--only dit`` loads the family's VAE and text encoder, writes only ``dit/``, and replaces only the DiT's
+    record in ``training.json``."""
+    family = tmp_path / "family"
+    torch.manual_seed(0)
+    save_folder(AutoencoderKL(VAEConfig.from_name("shapes").replace(space="tiny-shapes")), family / "vae")
+    save_folder(TextEncoder(TextConfig.from_name("shapes")), family / "text")
+    (family / "training.json").write_text(json.dumps({"command": "old", "models": {"vae": {"bytes": 1},
+                                                                                  "dit": {"steps": 999}}}))
+    args = parse_args(["--only", "dit", "--family", str(family), "--out", str(family), "--samples", "16",
+                       "--steps-dit", "2", "--batch-dit", "4", "--eval", "0", "--dtype", "float32"])
+    record = retrain_denoiser(args, log=lambda _: None)
+    report = json.loads((family / "training.json").read_text())
+    assert report["command"] == "old" and report["models"]["vae"] == {"bytes": 1}
+    assert report["models"]["dit"]["steps"] == 2 == record["steps"]
+    assert report["models"]["dit"]["command"].startswith("python -m nodes.training --only dit")
+    assert sorted(p.name for p in family.iterdir()) == ["dit", "text", "training.json", "vae"]
+    dit = load_folder(family / "dit", dtype="float32")
+    assert isinstance(dit, DiT) and DenoiserInfo.read(family / "dit").prediction == "flow"
+    with pytest.raises(SystemExit):
+        parse_args(["--family", str(family)])  # --family without --only
 
 
 # --- the shipped family -----------------------------------------------------------------------------
