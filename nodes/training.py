@@ -521,9 +521,9 @@ def train_denoiser_parallel(model: DenoiserModel, text: TextEncoder, latents: Te
     A model this small keeps more cores busy as processes that each run a share of the batch than as intra-op
     threads of one process; the processes average gradients through ``torch.distributed`` (gloo) once per step.
     On this project's 2-core machine, two processes ran the shapes DiT's steps 9 % (batch 32) to 14 % (batch 64)
-    faster than one process with two threads. The processes are spawned, so
-    ``options`` must be picklable; rank 0 prints the loss log when ``verbose``. ``model.net`` is updated in
-    place with the trained weights; returns the record and the EMA, as ``train_denoiser`` does.
+    faster than one process with two threads. The processes are spawned, so ``options`` must be picklable;
+    rank 0 prints the loss log when ``verbose``. ``model.net`` is updated in place with the trained weights;
+    returns the record and the EMA, as ``train_denoiser`` does.
     """
     import tempfile
 

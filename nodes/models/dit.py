@@ -163,11 +163,13 @@ class DiTBlock(nn.Module):
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))  # (N, T, D)
         x = x + self.cross_attn(self.norm_cross(x), context, context_mask)  # (N, T, D)
         h = modulate(self.norm2(x), shift2, scale2)  # (N, T, D)
-        if isinstance(self.mlp, MixFeedForward):
-            if grid is None:
-                raise ValueError("a Mix-FFN DiT block needs the token grid (rows, columns)")
-            return x + gate2[:, None] * self.mlp(h, grid)  # (N, T, D)
-        return x + gate2[:, None] * self.mlp(h)  # (N, T, D)
+        if not isinstance(self.mlp, MixFeedForward):
+            h = self.mlp(h)  # (N, T, D)
+        elif grid is None:
+            raise ValueError("a Mix-FFN DiT block needs the token grid (rows, columns)")
+        else:
+            h = self.mlp(h, grid)  # (N, T, D)
+        return x + gate2[:, None] * h  # (N, T, D)
 
 
 class FinalLayer(nn.Module):

@@ -23,9 +23,9 @@ from nodes.models.unet import UNet, UNetConfig
 from nodes.models.vae import AutoencoderKL, VAEConfig
 from nodes.shapes import data
 from nodes.training import (
-    EMA, Budget, CaptionTable, diffusion_loss, encode_captions, generate, latent_scaling, make_dataset, noised,
-    _adamw, _warmup, draw_batch, parse_args, raw_output, retrain_denoiser, sample_sigmas, train_denoiser, train_denoiser_parallel, train_vae,
-    training_target, vae_loss,
+    EMA, Budget, CaptionTable, _adamw, _warmup, diffusion_loss, draw_batch, encode_captions, generate,
+    latent_scaling, make_dataset, noised, parse_args, raw_output, retrain_denoiser, sample_sigmas, train_denoiser,
+    train_denoiser_parallel, train_vae, training_target, vae_loss,
 )
 
 INFOS = {
