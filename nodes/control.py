@@ -128,7 +128,8 @@ def check_pair(controlnet: nn.Module, net: nn.Module) -> None:
                              f"{want.mid_channels}): it was made for another U-Net")
         fields = ("in_channels", "context_dim")
     elif isinstance(controlnet, ControlNetDiT) and isinstance(net, DiT):
-        fields = ("in_channels", "hidden_size", "depth", "patch_size", "context_dim", "pooled_dim")
+        fields = ("in_channels", "hidden_size", "depth", "patch_size", "context_dim", "pooled_dim", "pooled_tokens",
+                  "text_tokens")
     else:
         raise ValueError(f"a {type(controlnet).__name__} cannot control a {type(net).__name__}")
     wrong = [f"{f} {getattr(controlnet.config, f)} != {getattr(net.config, f)}" for f in fields

@@ -206,6 +206,7 @@ class ControlNetDiT(nn.Module):
     patchify = DiT.patchify
     grid = DiT.grid
     condition = DiT.condition
+    text_context = DiT.text_context
 
     def __init__(self, config: ControlNetDiTConfig) -> None:
         super().__init__()
@@ -223,7 +224,7 @@ class ControlNetDiT(nn.Module):
                                      hint_channels=hint_channels, hint_widths=tuple(hint_widths), space=space)
         ref = next(dit.parameters())
         model = cls(config).to(ref.device, ref.dtype)
-        for name in ("x_embedder", "t_embedder", "pooled_embedder"):
+        for name in ("x_embedder", "t_embedder", "pooled_embedder", "pooled_to_tokens"):
             if getattr(model, name) is not None:
                 getattr(model, name).load_state_dict(getattr(dit, name).state_dict())
         for copy, block in zip(model.blocks, dit.blocks):
@@ -251,6 +252,7 @@ class ControlNetDiT(nn.Module):
         h = h + hint_embedding  # (N, T, D)
         grid = self.grid(*x.shape[-2:])
         c = self.condition(t, pooled, h.shape[0])  # (N, D)
+        context, context_mask = self.text_context(context, context_mask, pooled)  # (N, L [+ k], Dc)
         out: list[Tensor | None] = []
         for block, zero in zip(self.blocks, self.zero_linears):
             h = block(h, c, context, context_mask, grid)  # (N, T, D)

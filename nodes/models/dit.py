@@ -26,6 +26,16 @@ neighbours in every block, the locality a U-Net gets from its convolutions; on t
 the loss reached in a fixed CPU budget (docs/models.md). The convolution starts at zero, so a Mix-FFN block
 starts as the plain MLP.
 
+``pooled_tokens = k`` maps the pooled text vector linearly to ``k`` extra tokens that every cross-attention sees
+beside the text encoder's per-byte tokens (``text_tokens=False``: instead of them). AdaLN spreads the pooled
+vector over every image token alike, so it cannot say which object a token belongs to; byte tokens split
+"red" and "circle" over many tokens, so a token of a red object must find the shape word that goes with its
+colour. A text encoder trained to parse captions from its pooled vector (``nodes.training.pretrain_text``) puts
+whole objects there, colour and shape together, and cross-attention to tokens made from it binds them per
+image region: on the shapes data this raised the DiT's two-object accuracy in pilots (docs/models.md). The
+mechanism is unCLIP's decoder (Ramesh et al. 2022, "Hierarchical Text-Conditional Image Generation with CLIP
+Latents"), which projects a CLIP embedding into four extra context tokens beside the text encoder's.
+
 The sinusoidal timestep embedding here is shared with the U-Net (``nodes.models.unet``).
 """
 
@@ -62,8 +72,14 @@ class DiTConfig(ModelConfig):
     frequency_dim: int = 256
     long_skip: bool = False
     mix_ffn: bool = False
+    pooled_tokens: int = 0
+    text_tokens: bool = True
 
     def __post_init__(self) -> None:
+        if self.pooled_tokens and not self.pooled_dim:
+            raise ValueError(f"pooled_tokens={self.pooled_tokens} needs a pooled text vector (pooled_dim > 0)")
+        if not self.text_tokens and not self.pooled_tokens:
+            raise ValueError("text_tokens=False leaves the cross-attention nothing to attend: set pooled_tokens > 0")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.hidden_size % 4:
@@ -198,6 +214,9 @@ def add_stem(module: nn.Module, config: DiTConfig, depth: int) -> None:
     module.pooled_embedder = (
         nn.Sequential(nn.Linear(config.pooled_dim, d), nn.SiLU(), nn.Linear(d, d)) if config.pooled_dim else None
     )
+    module.pooled_to_tokens = (
+        nn.Linear(config.pooled_dim, config.pooled_tokens * config.context_dim) if config.pooled_tokens else None
+    )
     module.blocks = nn.ModuleList(
         DiTBlock(d, config.num_heads, config.mlp_ratio, config.context_dim, config.mix_ffn) for _ in range(depth)
     )
@@ -273,6 +292,25 @@ class DiT(nn.Module):
             raise ValueError("this DiT has pooled_dim=0 and takes no pooled text vector")
         return c + self.pooled_embedder(pooled)  # (N, D)
 
+    def text_context(self, context: Tensor, context_mask: Tensor | None,
+                     pooled: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The tokens every cross-attention sees: ``context`` plus, with ``pooled_tokens``, that many tokens
+        mapped linearly from the pooled vector -> (N, L + k, Dc) and the mask (N, L + k); without
+        ``text_tokens`` only the k pooled tokens (N, k, Dc); without ``pooled_tokens`` the inputs."""
+        if self.pooled_to_tokens is None:
+            return context, context_mask
+        if pooled is None:
+            raise ValueError(f"this DiT maps the pooled text vector to {self.config.pooled_tokens} context tokens "
+                             "and needs it (pooled=None)")
+        n, k = pooled.shape[0], self.config.pooled_tokens
+        extra = self.pooled_to_tokens(pooled).reshape(n, k, -1)  # (N, k, Dc)
+        ones = torch.ones(n, k, dtype=torch.bool, device=pooled.device)
+        if not self.config.text_tokens:
+            return extra, ones
+        if context_mask is None:
+            context_mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+        return torch.cat([context, extra], dim=1), torch.cat([context_mask, ones], dim=1)
+
     def forward(
         self,
         x: Tensor,
@@ -290,6 +328,7 @@ class DiT(nn.Module):
         h = self.patchify(x)  # (N, T, D)
         grid = self.grid(height, width)
         c = self.condition(t, pooled, h.shape[0])  # (N, D)
+        context, context_mask = self.text_context(context, context_mask, pooled)  # (N, L [+ k], Dc)
         n_skips, skips = len(self.skip_linears or ()), []
         first_out = len(self.blocks) - n_skips  # blocks [0, n_skips) keep their output, [first_out, depth) take one
         for i, block in enumerate(self.blocks):

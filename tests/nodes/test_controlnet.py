@@ -105,17 +105,19 @@ def test_from_unet_and_from_dit_copy_the_trained_weights() -> None:
     assert len(cn_dit.blocks) == 1 and cn_dit.config.depth == dit.config.depth == 2
 
 
-@pytest.mark.parametrize("variant", ["long_skip", "mix_ffn"])
+@pytest.mark.parametrize("variant", ["long_skip", "mix_ffn", "pooled_tokens"])
 def test_a_dit_variant_takes_control_from_copies_of_its_first_blocks(variant: str) -> None:
     """Long skips: the copies are the first half, whose outputs the skips keep. Mix-FFN: the copies keep the
-    convolutions and get the token grid."""
-    config = DiTConfig.from_name("tiny-test").replace(depth=4, **{variant: True})
+    convolutions and get the token grid. Pooled tokens: the copies see the same extra context tokens."""
+    config = DiTConfig.from_name("tiny-test").replace(depth=4, **{variant: 2 if variant == "pooled_tokens" else True})
     base = DenoiserModel(randomize(DiT(config)), DenoiserInfo(prediction="flow", train_schedule="sd3",
                                                                 latent_space=SPACE))
     controlnet = ControlNetDiT.from_dit(base.net, control_depth=2, hint_widths=HINT, space=SPACE).eval()
     assert getattr(controlnet.config, variant) and not hasattr(controlnet, "skip_linears")
     if variant == "mix_ffn":
         torch.testing.assert_close(controlnet.blocks[1].mlp.dwconv.weight, base.net.blocks[1].mlp.dwconv.weight)
+    if variant == "pooled_tokens":
+        torch.testing.assert_close(controlnet.pooled_to_tokens.weight, base.net.pooled_to_tokens.weight)
     check_pair(controlnet, base.net)
     x, cond, image = inputs()
     with torch.inference_mode():

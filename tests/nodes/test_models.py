@@ -374,6 +374,51 @@ def test_dit_mix_ffn_starts_as_the_plain_mlp_and_round_trips(tmp_path: Path) -> 
         torch.testing.assert_close(loaded(x, t, cond["context"]), out)
 
 
+def test_dit_pooled_tokens_join_the_cross_attention_context(tmp_path: Path) -> None:
+    """``pooled_tokens`` maps the pooled vector to extra context tokens that every cross-attention sees, kept by
+    the mask; the byte tokens' padding stays masked."""
+    config = DiTConfig.from_name("tiny-test").replace(pooled_tokens=3)
+    dit = randomize(DiT(config))
+    cond = text_inputs()
+    pooled = torch.randn(N, 16)
+    mask = torch.ones(N, cond["context"].shape[1], dtype=torch.bool)
+    mask[1, 2:] = False
+    context, keep = dit.text_context(cond["context"], mask, pooled)
+    assert context.shape == (N, cond["context"].shape[1] + 3, 16)
+    torch.testing.assert_close(context[:, -3:], dit.pooled_to_tokens(pooled).reshape(N, 3, 16))
+    assert torch.equal(keep[:, -3:], torch.ones(N, 3, dtype=torch.bool)) and torch.equal(keep[:, :-3], mask)
+    x, t = torch.randn(N, 4, 8, 8), torch.tensor([1.0, 2.0])
+    with torch.no_grad():
+        out = dit(x, t, cond["context"], mask, pooled=pooled)
+        # The same forward with the tokens spelled out through the blocks.
+        h, c = dit.patchify(x), dit.condition(t, pooled, N)
+        for block in dit.blocks:
+            h = block(h, c, context, keep, dit.grid(8, 8))
+        torch.testing.assert_close(out, dit.unpatchify(dit.final_layer(h, c), 8, 8))
+        dit.pooled_to_tokens.weight.mul_(2.0)  # the tokens, not only the AdaLN path, reach the output
+        assert not torch.allclose(dit(x, t, cond["context"], mask, pooled=pooled), out)
+        dit.pooled_to_tokens.weight.div_(2.0)
+    with pytest.raises(ValueError, match="maps the pooled text vector to 3 context tokens"):
+        dit(x, t, cond["context"])
+    with pytest.raises(ValueError, match="needs a pooled text vector"):
+        DiTConfig.from_name("tiny-test").replace(pooled_dim=0, pooled_tokens=2)
+    with pytest.raises(ValueError, match="nothing to attend"):
+        DiTConfig.from_name("tiny-test").replace(text_tokens=False)
+    # Without the byte tokens the cross-attention sees only the pooled tokens: the byte tokens cannot matter.
+    only = randomize(DiT(config.replace(text_tokens=False)))
+    context, keep = only.text_context(cond["context"], mask, pooled)
+    torch.testing.assert_close(context, only.pooled_to_tokens(pooled).reshape(N, 3, 16))
+    assert keep.shape == (N, 3) and bool(keep.all())
+    with torch.no_grad():
+        torch.testing.assert_close(only(x, t, torch.randn_like(cond["context"]), pooled=pooled),
+                                   only(x, t, cond["context"], mask, pooled=pooled))
+    save_folder(dit, tmp_path / "dit")
+    loaded = load_folder(tmp_path / "dit")
+    assert loaded.config.pooled_tokens == 3
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, cond["context"], mask, pooled=pooled), out)
+
+
 # --- text encoder -----------------------------------------------------------------------------------
 
 
