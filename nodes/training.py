@@ -20,8 +20,10 @@ Stages
 4. **DiT**, rectified flow: ``t`` drawn logit-normal(0, 1) and shifted SD3-style by ``--dit-shift`` (3: most
    updates at high noise, where the layout is decided), ``x = (1 - t) x0 + t noise``, target velocity
    ``noise - x0``. The DiT has U-ViT long skips (``--dit-long-skip``) and Mix-FFN blocks (``--dit-mix-ffn``),
-   trains at batch 32 with learning rate 2e-3, decaying linearly to 0 over the last 30 % of its budget
-   (``--decay-dit``); docs/models.md has the pilots that chose this recipe.
+   and its cross-attention sees 4 tokens mapped from the pooled caption vector instead of the byte tokens
+   (``--dit-pooled-tokens``, ``--dit-text-tokens``; ``DiTConfig.pooled_tokens``); it trains at batch 32 with
+   learning rate 2e-3, decaying linearly to 0 over the last 30 % of its budget (``--decay-dit``);
+   docs/models.md has the pilots that chose this recipe.
 5. **U-Net** (``position_embedding``: its attention layers know where each token is), ``v`` prediction on the
    ``sd15`` discrete VP schedule, continuous timesteps with density rising toward high noise
    (``--unet-high-noise``).
@@ -648,7 +650,9 @@ def _train_stage(report: dict[str, Any], out: Path, dtype: torch.dtype, name: st
 def _denoiser_stages(args: argparse.Namespace) -> dict[str, tuple[Callable[[], nn.Module], DenoiserInfo, int, Budget,
                                                                   dict[str, Any]]]:
     """Each denoiser stage's (build, sampler info, seed, budget, training options), from the command line."""
-    dit_config = DiTConfig.from_name("shapes").replace(long_skip=args.dit_long_skip, mix_ffn=args.dit_mix_ffn)
+    dit_config = DiTConfig.from_name("shapes").replace(long_skip=args.dit_long_skip, mix_ffn=args.dit_mix_ffn,
+                                                        pooled_tokens=args.dit_pooled_tokens,
+                                                        text_tokens=args.dit_text_tokens or not args.dit_pooled_tokens)
     return {
         "dit": (lambda: DiT(dit_config), DenoiserInfo("flow", "sd3", "tiny-shapes"), args.seed + 3,
                 Budget(args.minutes_dit, args.steps_dit),
@@ -790,6 +794,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="U-ViT long skips between the DiT's first and second half of blocks")
     p.add_argument("--dit-mix-ffn", action=argparse.BooleanOptionalAction, default=True,
                    help="Mix-FFN: a depthwise 3x3 convolution over the token grid in each DiT block's MLP")
+    p.add_argument("--dit-pooled-tokens", type=int, default=4,
+                   help="cross-attention tokens the DiT maps from the pooled text vector (0: none)")
+    p.add_argument("--dit-text-tokens", action=argparse.BooleanOptionalAction, default=False,
+                   help="the DiT also cross-attends to the text encoder's per-byte tokens (always with "
+                   "--dit-pooled-tokens 0)")
     p.add_argument("--unet-schedule", default="sd15", choices=sorted(k for k, v in TRAIN_PRESETS.items()
                    if v.kind != "flow"), help="the U-Net's VP training schedule")
     p.add_argument("--unet-high-noise", action=argparse.BooleanOptionalAction, default=True,
