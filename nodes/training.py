@@ -135,14 +135,14 @@ class LossLog:
 
 
 def _adamw(params: Sequence[nn.Parameter] | list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
-    """AdamW without weight decay; every group keeps its own ``base_lr`` (default ``lr``) for :func:`_warmup`."""
+    """AdamW without weight decay; every group keeps its own ``base_lr`` (default ``lr``) for :func:`_set_lr`."""
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     for group in opt.param_groups:
         group.setdefault("base_lr", lr)
     return opt
 
 
-def _warmup(opt: torch.optim.Optimizer, step: int, warmup: int, progress: float = 0.0, decay: float = 0.0) -> None:
+def _set_lr(opt: torch.optim.Optimizer, step: int, warmup: int, progress: float = 0.0, decay: float = 0.0) -> None:
     """Linear warmup over ``warmup`` steps; with ``decay > 0``, a linear decay to 0 over the last ``decay`` of the
     budget (``progress`` is the spent fraction): warmup-stable-decay (Hu et al. 2024, "MiniCPM")."""
     factor = min(1.0, (step + 1) / warmup)
@@ -212,7 +212,7 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, budget: Budget, batch: int
     while not budget.done(step, start):
         x = random_crops(images, torch.randint(len(images), (batch,), generator=gen), crop, f, gen)
         noise = torch.randn(batch, c, crop // f, crop // f, generator=gen)
-        _warmup(opt, step, 50)
+        _set_lr(opt, step, 50)
         loss = vae_loss(vae, x, noise, kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -311,7 +311,7 @@ def pretrain_text(text: TextEncoder, budget: Budget, batch: int = 128, lr: float
         specs = [data.sample_spec(rng, weights, p_position) for _ in range(batch)]
         captions = [data.caption_from_spec(spec) for spec in specs]
         labels = torch.tensor([spec_labels(spec) for spec in specs])  # (B, slots)
-        _warmup(opt, step, 50)
+        _set_lr(opt, step, 50)
         logits = parser(text.encode(captions)[1])
         loss = sum(F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(logits))
         opt.zero_grad(set_to_none=True)
@@ -468,7 +468,7 @@ def train_denoiser(model: DenoiserModel, text: TextEncoder, latents: Tensor, cap
         x0, noise, sigma, batch_captions = draw_batch(model, latents, captions, local, drop, gen, flow_shift,
                                                       high_noise)
         cond = encode_captions(text, batch_captions) if train_text else table(batch_captions)
-        _warmup(opt, step, warmup, progress, decay)
+        _set_lr(opt, step, warmup, progress, decay)
         loss = diffusion_loss(model, x0, noise, sigma, cond)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -101,7 +101,7 @@ def train_controlnet(base: DenoiserModel, controlnet: nn.Module, text: TextEncod
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
         sigma = T.sample_sigmas(base, batch, gen)
-        T._warmup(opt, step, 50)
+        T._set_lr(opt, step, 50)
         loss = controlnet_loss(base, controlnet, x0, noise, sigma, cond, hint_images(masks[idx.numpy()]))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -25,7 +25,7 @@ from nodes.models.vae import AutoencoderKL, VAEConfig
 from nodes.shapes import data, evaluate
 from nodes.shapes_nodes import image_to_uint8
 from nodes.training import (
-    EMA, Budget, CaptionTable, _adamw, _warmup, diffusion_loss, draw_batch, encode_captions, generate,
+    EMA, Budget, CaptionTable, _adamw, _set_lr, diffusion_loss, draw_batch, encode_captions, generate,
     latent_scaling, make_dataset, noised, parse_args, raw_output, retrain_denoiser, sample_sigmas, train_denoiser,
     train_denoiser_parallel, train_vae, training_target, vae_loss,
 )
@@ -191,7 +191,7 @@ def test_parallel_training_takes_the_averaged_gradient_step() -> None:
         for p, a, b in zip(ref.net.parameters(), *grads):
             p.grad = (a + b) / 2
         nn.utils.clip_grad_norm_(list(ref.net.parameters()), 1.0)
-        _warmup(opt, step, 1)
+        _set_lr(opt, step, 1)
         opt.step()
         ref_ema.update(ref.net)
     for got, want in zip(model.net.state_dict().values(), ref.net.state_dict().values()):
@@ -226,7 +226,7 @@ def test_learning_rate_warms_up_holds_then_decays_over_the_budgets_end() -> None
     opt = _adamw([nn.Parameter(torch.zeros(1))], 2.0)
 
     def lr(step: int, progress: float, decay: float = 0.25) -> float:
-        _warmup(opt, step, 10, progress, decay)
+        _set_lr(opt, step, 10, progress, decay)
         return opt.param_groups[0]["lr"]
 
     assert lr(4, 0.0) == 1.0 and lr(50, 0.5) == 2.0 and lr(50, 0.75) == 2.0
