@@ -1,7 +1,8 @@
 """The ``nodegraph`` command line.
 
-    nodegraph run GRAPH [--set NODE.INPUT=VALUE]... [--out DIR] [--cache-dir DIR] [--device auto|cpu|cuda|cuda:N]
-                        [--output NAME]... [--plugins DIR]... [--input-root DIR] [--json]
+    nodegraph run GRAPH [--set NODE.INPUT=VALUE]... [--out DIR] [--cache-dir DIR] [--cache-size SIZE]
+                        [--device auto|cpu|cuda|cuda:N] [--output NAME]... [--plugins DIR]... [--input-root DIR]
+                        [--models DIR]... [--timeout SECONDS] [--json]
     nodegraph validate GRAPH [--set ...] [--json]
     nodegraph nodes [--json]
     nodegraph schema
@@ -26,35 +27,32 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
 
 class ProgressPrinter:
-    """Turns events into a one-line progress display on a terminal (stderr), or nothing otherwise."""
+    """Turns events into progress bars on a terminal (stderr; tqdm draws them), or nothing otherwise."""
 
     def __init__(self, stream=sys.stderr, enabled: bool | None = None):
         self.stream = stream
         self.enabled = stream.isatty() if enabled is None else enabled
-        self._last = 0.0
+        self._bars: dict[str, Any] = {}
 
     def __call__(self, event: Event) -> None:
         if not self.enabled:
             return
+        from tqdm import tqdm
+
         if event.kind == "progress" and event.data.get("total"):
-            now = time.monotonic()
-            done, total = event.data["done"], event.data["total"]
-            if done < total and now - self._last < 0.05:
-                return
-            self._last = now
-            width = 30
-            filled = int(width * done / total)
-            bar = "#" * filled + "-" * (width - filled)
-            self.stream.write(f"\r{event.node} [{bar}] {done}/{total}\x1b[K")
-            if done >= total:
-                self.stream.write("\n")
-            self.stream.flush()
-        elif event.kind in ("started", "cached"):
-            verb = "running" if event.kind == "started" else "cached "
-            self.stream.write(f"\r{verb} {event.node}\x1b[K\n")
-            self.stream.flush()
-        elif event.kind == "failed":
-            self.stream.write(f"\rfailed  {event.node}\x1b[K\n")
+            bar = self._bars.get(event.node)
+            if bar is None:
+                bar = self._bars[event.node] = tqdm(total=event.data["total"], desc=event.node, file=self.stream,
+                                                    leave=True, dynamic_ncols=True, mininterval=0.05)
+            bar.update(event.data["done"] - bar.n)
+        elif event.kind in ("started", "cached", "failed"):
+            verb = {"started": "running", "cached": "cached ", "failed": "failed "}[event.kind]
+            tqdm.write(f"{verb} {event.node}", file=self.stream)
+        if event.kind in ("finished", "failed", "run_finished"):
+            for node in [event.node] if event.kind != "run_finished" else list(self._bars):
+                bar = self._bars.pop(node, None)
+                if bar is not None:
+                    bar.close()
 
 
 def _parse_sets(items: Sequence[str]) -> tuple[dict[str, Any], list[Issue]]:
@@ -89,8 +87,23 @@ def _engine(args: argparse.Namespace):
     if input_root is None:  # by default a graph reads its input files from its own folder
         graph = Path(args.graph)
         input_root = graph.parent if graph.suffix in (".json", ".msgpack") else Path(".")
+    from .limits import DEFAULT_LIMITS
+
+    limits = DEFAULT_LIMITS.with_(deadline_s=args.timeout) if getattr(args, "timeout", None) else DEFAULT_LIMITS
     return Engine(device=args.device, cache_dir=args.cache_dir, plugin_dirs=args.plugins,
-                  input_root=input_root, output_root=args.out)
+                  input_root=input_root, output_root=args.out, model_roots=args.models, limits=limits,
+                  disk_budget=_size(args.cache_size))
+
+
+def _size(text: str | None) -> int | None:
+    """``"10G"``, ``"500M"``, ``"123456"`` -> bytes; None stays None."""
+    if text is None:
+        return None
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B")
+    factor = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    return int(float(number) * factor)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -121,16 +134,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         return _print_invalid([Issue("bad_device", str(exc))], args.json)
     printer = ProgressPrinter()
+    watchdog = _watchdog(args.timeout, args.json) if args.timeout else None
     try:
         result = engine.run(args.graph, overrides, outputs=args.output or None, on_event=printer)
     except GraphValidationError as exc:
         return _print_invalid(exc.issues, args.json)
     except (NodeExecutionError, Cancelled) as exc:
-        payload = exc.to_json() if isinstance(exc, NodeExecutionError) else {"code": "cancelled", "message": str(exc)}
         if args.json:
-            print(json.dumps({"ok": False, "error": payload}))
+            print(json.dumps({"ok": False, "error": exc.to_json()}))
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
     graph_json = result.graph.to_json(separators=(",", ":"))
     try:
         files = write_outputs(result.outputs, result.output_types, args.out, graph_json)
@@ -140,6 +156,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: cannot write outputs to {args.out!r}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     report = result.report.to_json()
+    for warning in result.report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps({"outputs": files, **report}))
     else:
@@ -148,6 +166,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"executed {len(report['executed'])}, cached {len(report['cached'])}, "
               f"{report['seconds']['total']:.2f} s", file=sys.stderr)
     return EXIT_OK
+
+
+def _watchdog(timeout: float, as_json: bool) -> Any:
+    """The deadline is checked between steps, iterations and progress reports; a node that never reaches one
+    (one long library call) is stopped here, 10 s past the deadline, by ending the process."""
+    import os
+    import threading
+
+    def fire() -> None:
+        message = f"the run's deadline of {timeout:g} s passed and a node did not stop; the process was ended"
+        if as_json:
+            print(json.dumps({"ok": False, "error": {"code": "deadline", "message": message}}), flush=True)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        os._exit(EXIT_FAILED)
+
+    timer = threading.Timer(timeout + 10.0, fire)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def nodes_markdown(defs: list) -> str:
@@ -252,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--input-root", default=None,
                         help="folder that file-reading nodes are confined to (default: the graph file's folder)")
         sp.add_argument("--output", action="append", default=[], metavar="NAME", help="only compute this output")
+        sp.add_argument("--models", action="append", default=[], metavar="DIR",
+                        help="a model root in ComfyUI's layout (checkpoints/, loras/, vae/, ...); repeatable; "
+                             "also NODEGRAPH_MODELS")
+        sp.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="cancel the run after this many seconds (exit 1, code 'deadline')")
+        sp.add_argument("--cache-size", default=None, metavar="SIZE",
+                        help="disk cache budget, e.g. 20G; least recently used entries are removed beyond it")
         common(sp)
         sp.set_defaults(fn=cmd_run if name == "run" else cmd_validate)
     sp = sub.add_parser("nodes", help="list node types")

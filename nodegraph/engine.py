@@ -15,6 +15,7 @@ by a gradient step).
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -25,9 +26,12 @@ from .errors import GraphValidationError, Issue
 from .events import CancelToken, Event, EventBus
 from .executor import LocalExecutor, RunReport
 from .graph import Graph
+from .limits import DEFAULT_LIMITS, Limits
 from .node import Context
 from .plan import Plan, build_plan
 from .registry import Registry
+from .roots import ModelRoots
+from .source import load_graph_source
 from .validate import ValidationResult, validate
 
 _DEFAULT_REGISTRY: Registry | None = None
@@ -39,26 +43,6 @@ def default_registry() -> Registry:
     if _DEFAULT_REGISTRY is None:
         _DEFAULT_REGISTRY = Registry.discover()
     return _DEFAULT_REGISTRY
-
-
-def load_graph_source(source: Any) -> Any:
-    """Accept a Graph, a dict, JSON text/bytes, or a path to a ``.json`` / ``.msgpack`` file."""
-    if not isinstance(source, (str, Path)) or (isinstance(source, str) and source.lstrip().startswith("{")):
-        return source  # a Graph, dict, JSON text or bytes; anything else is reported by validation as bad_graph
-    path = Path(source)
-    try:
-        data = path.read_bytes()
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise GraphValidationError([Issue("bad_json", f"cannot read graph file {str(path)!r}: {reason}")])
-    if path.suffix == ".msgpack":
-        from .serialize import SerializationError, unpackb
-
-        try:
-            return unpackb(data)
-        except SerializationError as exc:
-            raise GraphValidationError([Issue("bad_json", f"cannot decode msgpack graph: {exc}")])
-    return data
 
 
 @dataclass
@@ -85,6 +69,9 @@ class Engine:
         output_root: str | Path = "out",
         plugin_dirs: list[str | Path] | tuple = (),
         max_workers: int | None = None,
+        model_roots: "list[str | Path] | tuple | ModelRoots" = (),
+        limits: Limits = DEFAULT_LIMITS,
+        disk_budget: int | None = None,
     ):
         registry = default_registry() if registry is None else registry
         if plugin_dirs:  # extend a copy: the registry handed in (or the shared default) is never changed
@@ -94,52 +81,64 @@ class Engine:
         self.registry = registry
         self.device = device
         resolve_device(device)  # fail early on an unusable default device
-        self.cache = Cache(memory_budget, cache_dir)
+        self.cache = Cache(memory_budget, cache_dir, disk_budget, limits=limits)
         self.residency = ResidencyManager(dict(model_budgets or {}))
         self.bus = EventBus()
         self.input_root = Path(input_root).resolve()
         self.output_root = Path(output_root).resolve()
+        self.models = model_roots if isinstance(model_roots, ModelRoots) else ModelRoots.from_env(model_roots)
+        for folder, path in registry.model_folders:  # folders node packs ship (the built-in tiny-shapes weights)
+            self.models = self.models.with_folder(folder, path)
+        self.limits = limits
         self.executor = LocalExecutor(self.cache, self.residency, self.bus, default_device=device,
                                       max_workers=max_workers, input_root=self.input_root,
-                                      output_root=self.output_root)
+                                      output_root=self.output_root, models=self.models, limits=limits)
+
+    def context(self, node_id: str = "<engine>") -> Context:
+        """The context validation hooks and fingerprints see: roots and limits, no device, no run."""
+        return Context(node_id, None, input_root=self.input_root, output_root=self.output_root,
+                       models=self.models, limits=self.limits)
 
     def subscribe(self, fn: Callable[[Event], None]) -> Callable[[], None]:
         return self.bus.subscribe(fn)
 
     def validate(self, graph: Any, overrides: Mapping[str, Any] | None = None) -> ValidationResult:
+        """Every problem of a graph (any accepted form, or a path) with overrides, under this engine's limits."""
         try:
-            source = load_graph_source(graph)
+            source = load_graph_source(graph, self.limits)
         except GraphValidationError as exc:
             return ValidationResult(None, exc.issues)
-        result = validate(source, self.registry, overrides)
-        if result.ok:
+        result = validate(source, self.registry, overrides, ctx=self.context("<validate>"))
+        if result.scope is not None:
             result.issues.extend(self._device_issues(result))
         return result
 
     def _device_issues(self, result: ValidationResult) -> list[Issue]:
         """Device pins that cannot be honoured here, in the graph and inside loop bodies / graph-defined nodes."""
         issues = []
-
-        def walk(scope: Any, prefix: str) -> None:
+        todo = [(result.scope, "")]
+        while todo:
+            scope, prefix = todo.pop()
             for nid, cn in scope.nodes.items():
-                if cn.spec.device is not None:
+                pin = cn.spec.device
+                if pin is not None and not pin.strip():
+                    issues.append(Issue("bad_device", "an empty device name; write 'cpu', 'cuda', 'cuda:N' or "
+                                        "'mps', or leave 'device' out for the engine's device", prefix + nid, None))
+                elif pin is not None:
                     try:
-                        resolve_device(cn.spec.device, self.device)
-                    except (RuntimeError, ValueError) as exc:
+                        resolve_device(pin, self.device)
+                    except (RuntimeError, ValueError, TypeError) as exc:
                         issues.append(Issue("bad_device", str(exc), prefix + nid, None))
                 if cn.body is not None:
-                    walk(cn.body, f"{prefix}{nid}/")
-
-        walk(result.scope, "")
-        return issues
+                    todo.append((cn.body, f"{prefix}{nid}/"))
+        return sorted(issues, key=lambda i: i.node or "")
 
     def plan(self, graph: Any, overrides: Mapping[str, Any] | None = None) -> tuple[Plan, ValidationResult]:
         """Validate and plan; raise :class:`GraphValidationError` listing every problem."""
         result = self.validate(graph, overrides)
         if not result.ok:
             raise GraphValidationError(result.issues)
-        ctx = Context("<fingerprint>", None, input_root=self.input_root, output_root=self.output_root)
-        return build_plan(result.scope, default_device=None, fingerprint_ctx=ctx), result
+        return build_plan(result.scope, default_device=None, fingerprint_ctx=self.context("<fingerprint>")), result
 
     def run(
         self,
@@ -149,8 +148,11 @@ class Engine:
         *,
         cancel: CancelToken | None = None,
         on_event: Callable[[Event], None] | None = None,
+        run_id: str | None = None,
     ) -> RunResult:
-        """Validate, plan and execute; return the requested outputs and a :class:`RunReport`."""
+        """Validate, plan and execute; return the requested outputs and a :class:`RunReport`.
+
+        ``on_event`` receives this run's events only (each carries ``run_id``, generated when not given)."""
         plan, result = self.plan(graph, overrides)
         names = list(plan.outputs) if outputs is None else list(outputs)
         unknown = [n for n in names if n not in plan.outputs]
@@ -159,11 +161,28 @@ class Engine:
                 Issue("bad_output", f"the graph has no output {n!r}", None, n, f"outputs: {sorted(plan.outputs)}")
                 for n in unknown
             ])
-        unsubscribe = self.bus.subscribe(on_event) if on_event is not None else None
+        run_id = run_id or uuid.uuid4().hex
+        unsubscribe = self.bus.subscribe(on_event, run_id=run_id) if on_event is not None else None
         try:
-            values, report = self.executor.run(plan, names, cancel)
+            values, report = self.executor.run(plan, names, cancel, run_id=run_id)
         finally:
             if unsubscribe is not None:
                 unsubscribe()
         types = {n: result.scope.output_types.get(n) for n in names}
+        report.warnings.extend(value_warnings(values, types))
         return RunResult(values, report, result.graph, plan, types)
+
+
+def value_warnings(values: Mapping[str, Any], types: Mapping[str, Any]) -> list[str]:
+    """Things worth a look in a run's outputs: tensors holding NaN or inf (an image saves them as black)."""
+    import torch
+
+    out = []
+    for name, value in values.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                kind = getattr(types.get(name), "name", "Tensor")
+                shown = " (a PNG shows them as black)" if kind == "Image" else ""
+                out.append(f"output {name!r} holds {bad:,} non-finite values (NaN or inf) of {value.numel():,}{shown}")
+    return out

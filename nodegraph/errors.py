@@ -64,7 +64,15 @@ class NodeExecutionError(NodegraphError):
 
 
 class Cancelled(NodegraphError):
-    """The run was cancelled through its :class:`~nodegraph.events.CancelToken`."""
+    """The run was cancelled: through its :class:`~nodegraph.events.CancelToken` (``code == "cancelled"``), by an
+    interrupt (``"interrupted"``) or at its deadline (``"deadline"``)."""
+
+    def __init__(self, message: str = "run cancelled", code: str = "cancelled"):
+        super().__init__(message)
+        self.code = code
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "message": str(self)}
 
 
 class PluginError(NodegraphError):

@@ -30,8 +30,14 @@ downstream consumes it.
 
 Policy: the body is planned once per loop execution (:func:`compile_body`) — sources resolved to direct
 lookups, unused body nodes pruned, per-node contexts built — so an iteration costs little more than the node
-calls themselves. Body nodes are not cached individually; the loop node is cached as a whole. The cancel token
-is checked before every iteration, and a ``progress`` event is emitted after each.
+calls themselves. Body nodes are not cached individually; the loop node is cached as a whole, under a key
+that covers its body by the same rules as top-level nodes: a body node's fingerprint (a file it reads) joins
+the key, and a body node that must always run (``cache=False`` without a fingerprint) makes the whole loop
+always run (:mod:`nodegraph.plan`). The cancel token (caller, interrupt, deadline) is checked before every
+iteration, and a ``progress`` event is emitted after each. A loop longer than the engine's
+``max_loop_iterations`` fails before its first iteration.
+
+The loop gets what it needs from its executor as one small :class:`LoopRuntime`.
 """
 
 from __future__ import annotations
@@ -43,10 +49,22 @@ import torch
 
 from .devices import move_to, same_device
 from .errors import Cancelled, NodeExecutionError, summarize
+from .limits import LimitExceeded, Limits
 from .node import Context
 from .plan import Arg, Body, Const, Ref, Source, Step
 
 _CONST, _ARG, _REF = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class LoopRuntime:
+    """What a running loop needs from the executor that runs it."""
+
+    run_nested: Callable[[Step, dict[str, Any], set[str], Context], dict[str, Any]]  # a nested loop step
+    context: Callable[[Step], Context]  # a body step's context (same run, cancel token, roots, limits)
+    device: Callable[[str | None], torch.device]  # a device pin -> torch.device
+    emit: Callable[..., None] | None  # the run's event emitter (progress after each iteration)
+    limits: Limits
 
 
 @dataclass
@@ -107,15 +125,7 @@ def _sequence(over: Any) -> Any:
     raise TypeError(f"loop 'over' must be a tensor or a list, got {type(over).__name__}")
 
 
-def run_loop(
-    step: Step,
-    inputs: dict[str, Any],
-    wanted: set[str],
-    ctx: Context,
-    run_nested: Callable[[Step, dict[str, Any], set[str], Context], dict[str, Any]],
-    make_ctx: Callable[[Step], Context],
-    resolve_device: Callable[[str | None], torch.device],
-) -> dict[str, Any]:
+def run_loop(step: Step, inputs: dict[str, Any], wanted: set[str], ctx: Context, runtime: LoopRuntime) -> dict[str, Any]:
     """Execute a loop step. ``inputs`` holds the resolved loop inputs (options may be linked values)."""
     body = step.body
     options = {**step.loop_options, **{k: inputs[k] for k in ("over", "count", "pairs", "grad") if k in inputs}}
@@ -127,6 +137,9 @@ def run_loop(
         total = int(options.get("count", 0))
         if total < 0:
             raise ValueError(f"loop count must be >= 0, got {total}")
+    if total > runtime.limits.max_loop_iterations:
+        raise LimitExceeded(f"the loop would run {total:,} iterations, over the limit of "
+                            f"{runtime.limits.max_loop_iterations:,} (max_loop_iterations)", "max_loop_iterations")
     args: dict[str, Any] = {name: inputs.get(name) for name in body.declared}
     if body.grad:
         # Tensors made under inference_mode cannot enter autograd; clone them once, here.
@@ -134,12 +147,12 @@ def run_loop(
     carried = list(body.carried)
     stacked = sorted(n for n in wanted if n not in body.carried and n in body.outputs)
     out_wanted = set(carried) | set(stacked)
-    compiled = compile_body(body, out_wanted, make_ctx, ctx.device, resolve_device)
+    compiled = compile_body(body, out_wanted, runtime.context, ctx.device, runtime.device)
     out_sources = {n: _encode(body.outputs[n]) for n in out_wanted}
     collected: dict[str, list[Any]] = {n: [] for n in stacked}
     args["total"] = total
     values: dict[str, dict[str, Any]] = {}
-    emit = ctx._emit  # progress events are published directly: the cancel check above covers each iteration
+    emit, run_nested = runtime.emit, runtime.run_nested
     for i in range(total):
         ctx.check_cancelled()
         args["index"] = i

@@ -16,7 +16,19 @@ an int literal is accepted for a float input, a float for an int input is refuse
 
 Nodes must be pure: the same inputs give the same outputs. Randomness comes from explicit seed inputs. A node
 that reads files or other outside state declares ``cache=False`` (always re-run) or a ``fingerprint``
-function whose result joins its cache key.
+function whose result joins its cache key. A node never changes its inputs in place (they are other nodes'
+cached outputs; the executor detects it and fails the node, see :mod:`nodegraph.executor`).
+
+Hooks a node type may declare (all optional, all run at validation, before anything executes):
+
+* ``resolve(literals, ctx) -> object``: find what the literals name (a model folder and its config) once; the
+  result is handed to ``refine``/``fingerprint`` and to the running node as ``ctx.resolved``. Raising an error
+  with ``code``/``port``/``hint`` attributes reports it as a validation issue on that port.
+* ``refine(literals[, ctx]) -> {output: PortType}``: sharpen output types from the literals (a model's space).
+* ``fingerprint(literals, ctx) -> JSON-able``: joins the cache key (file contents, weights' size and mtime).
+* ``cost(literals) -> {"pixels": n, "elements": n, "iterations": n}``: what running would allocate, compared
+  with the engine's :class:`nodegraph.limits.Limits` (``too_large``).
+* ``requires=("open3d", ...)``: importable modules the node needs (``missing_dependency`` when absent).
 """
 
 from __future__ import annotations
@@ -61,6 +73,10 @@ class Context:
         input_root: Path | None = None,
         output_root: Path | None = None,
         residency: Any = None,
+        models: Any = None,
+        limits: Any = None,
+        resolved: Any = None,
+        run_id: str | None = None,
     ):
         self.node_id = node_id
         self.device = device
@@ -69,6 +85,17 @@ class Context:
         self.input_root = input_root
         self.output_root = output_root
         self.residency = residency
+        self.models = models  # nodegraph.roots.ModelRoots: where model names resolve
+        self.limits = limits  # nodegraph.limits.Limits
+        self.resolved = resolved  # what the node type's ``resolve`` hook found at validation (see NodeDef)
+        self.run_id = run_id
+
+    def for_node(self, node_id: str, resolved: Any = None) -> "Context":
+        """A copy of this context for another node (same roots, limits, run), with its own resolved value."""
+        new = object.__new__(Context)
+        new.__dict__.update(self.__dict__)
+        new.node_id, new.resolved = node_id, resolved
+        return new
 
     def progress(self, done: int, total: int | None = None, message: str = "") -> None:
         """Report progress; also a cancellation point."""
@@ -83,7 +110,10 @@ class Context:
 
     def check_cancelled(self) -> None:
         if self._cancel is not None and self._cancel.cancelled:
-            raise Cancelled(f"cancelled in node {self.node_id!r}")
+            token = self._cancel
+            reason = getattr(token, "reason", None) or "cancelled"
+            message = token.message(self.node_id) if hasattr(token, "message") else f"cancelled in node {self.node_id!r}"
+            raise Cancelled(message, reason)
 
     def resolve_input(self, path: str) -> Path:
         """A path under the input root; ``..`` or absolute paths outside it are refused."""
@@ -98,6 +128,15 @@ class Context:
         if self.residency is None:
             return module
         return self.residency.acquire(module, self.device)
+
+
+def takes_two(fn: Callable[..., Any]) -> bool:
+    """Whether a hook accepts a second positional argument (``refine(literals, ctx)`` vs ``refine(literals)``)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(params) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
 
 
 def confine(root: Path | None, path: str, kind: str) -> Path:
@@ -166,8 +205,11 @@ class NodeDef:
     grad: bool = False
     cache: bool = True
     fingerprint: Callable[[Mapping[str, Any], Context], Any] | None = None
-    refine: Callable[[Mapping[str, Any]], Mapping[str, T.PortType]] | None = None
+    refine: Callable[..., Mapping[str, T.PortType]] | None = None
     ctx_param: str | None = None
+    resolve: Callable[[Mapping[str, Any], Context], Any] | None = None
+    cost: Callable[[Mapping[str, Any]], Mapping[str, int]] | None = None
+    requires: tuple[str, ...] = ()
     kind: str = "python"
     subgraph: Any = None  # nodegraph.graph.Subgraph for kind == "graph"
     pack: str = "<unregistered>"
@@ -238,9 +280,7 @@ def _adapter_for(annotation: Any, field_info: FieldInfo | None, ptype: T.PortTyp
     if ptype.name not in LITERAL_TYPES:
         return None
     if isinstance(annotation, T.PortType) or annotation is inspect.Parameter.empty:
-        annotation = {"Int": int, "Float": float, "Bool": bool, "String": str, "List": list, "Dict": dict}.get(
-            ptype.name, Any
-        )
+        annotation = T.PY_TYPES.get(ptype.name, Any)
     if typing.get_origin(annotation) is typing.Annotated:
         base, *extra = typing.get_args(annotation)
         extra = [e for e in extra if not isinstance(e, T.PortType)]
@@ -274,7 +314,10 @@ def define(
     grad: bool = False,
     cache: bool = True,
     fingerprint: Callable[[Mapping[str, Any], Context], Any] | None = None,
-    refine: Callable[[Mapping[str, Any]], Mapping[str, T.PortType]] | None = None,
+    refine: Callable[..., Mapping[str, T.PortType]] | None = None,
+    resolve: Callable[[Mapping[str, Any], Context], Any] | None = None,
+    cost: Callable[[Mapping[str, Any]], Mapping[str, int]] | None = None,
+    requires: tuple[str, ...] | list[str] = (),
 ) -> NodeDef:
     """Build a :class:`NodeDef` from a function (what :func:`node` does)."""
     parse_semver(version)
@@ -322,6 +365,9 @@ def define(
         fingerprint=fingerprint,
         refine=refine,
         ctx_param=ctx_param,
+        resolve=resolve,
+        cost=cost,
+        requires=tuple(requires),
         single_output=single,
     )
 

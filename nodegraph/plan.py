@@ -24,10 +24,10 @@ from typing import Any, Mapping
 
 import networkx as nx
 
-from .graph import InputRef, Link, literal_value
+from .graph import LOOP_IMPLICIT, LOOP_OPTIONS, LOOP_TYPE, InputRef, Link, literal_value
 from .node import Context, NodeDef
 from .serialize import dumps_canonical
-from .validate import LOOP_IMPLICIT, LOOP_OPTIONS, LOOP_TYPE, CheckedNode, CheckedScope
+from .validate import CheckedNode, CheckedScope
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,10 @@ class Step:
     body: "Body | None" = None
     loop_options: dict[str, Any] = field(default_factory=dict)
     key: str = ""
+    resolved: Any = None  # the node type's ``resolve`` result from validation, handed to it as ctx.resolved
+    types: dict[str, Any] = field(default_factory=dict)  # output name -> declared/inferred PortType
+    pure: bool = True  # False: its key is a nonce (impure, unfingerprinted; for loops: such a node in the body)
+    fingerprint: Any = None  # the node type's fingerprint of its literal inputs, when it declares one
 
     @property
     def is_loop(self) -> bool:
@@ -166,7 +170,7 @@ def _flatten(scope: CheckedScope, env: Mapping[str, Source], prefix: str, device
         for name, value in cn.literals.items():
             inputs[name] = Const(value)
         steps[sid] = Step(sid, cn.spec.type, cn.defn, inputs, node_device, tuple(cn.output_types),
-                          grad=cn.defn.grad)
+                          grad=cn.defn.grad, resolved=cn.resolved, types=dict(cn.output_types))
     return {name: _source(ref, prefix, env, resolved) for name, ref in scope.outputs.items()}
 
 
@@ -186,7 +190,7 @@ def _loop_step(cn: CheckedNode, sid: str, inputs: dict[str, Source], device: str
     body = Body(steps, body_outputs, {n: d for n, d in body_spec.inputs.items() if d.carry},
                 dict(body_spec.inputs), grad)
     return Step(sid, LOOP_TYPE, None, loop_inputs, device, tuple(cn.output_types), grad=grad, body=body,
-                loop_options=options)
+                loop_options=options, types=dict(cn.output_types))
 
 
 def _toposort(steps: Mapping[str, Step]) -> list[str]:
@@ -228,8 +232,10 @@ def _step_signature(step: Step) -> Any:
         "version": step.defn.version if step.defn is not None else None,
         "inputs": {k: _relative(_src_signature(v), step.id) for k, v in sorted(step.inputs.items())},
     }
+    if step.fingerprint is not None:
+        sig["fingerprint"] = step.fingerprint
     if step.body is not None:
-        sig["options"] = step.loop_options
+        sig["options"] = _canon_value(step.loop_options)
         sig["body"] = step.body.signature()
     return sig
 
@@ -247,7 +253,35 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(dumps_canonical(obj)).hexdigest()
 
 
+def _fingerprint(step: Step, ctx: Context | None) -> tuple[bool, Any]:
+    """(pure, fingerprint) of a function step: impure unfingerprinted nodes and failing fingerprints are impure."""
+    defn = step.defn
+    if defn.fingerprint is None:
+        return defn.cache, None
+    literals = {k: s.value for k, s in step.inputs.items() if isinstance(s, Const)}
+    try:
+        node_ctx = ctx.for_node(step.id, step.resolved) if ctx is not None else None
+        return True, _canon_value(defn.fingerprint(literals, node_ctx))
+    except Exception:  # noqa: BLE001 - a linked path or a missing file: never reuse; running reports the problem
+        return False, None
+
+
+def _prepare(steps: list[Step], ctx: Context | None) -> bool:
+    """Fingerprint every step (loop bodies included, recursively); return whether all of them are pure."""
+    pure = True
+    for step in steps:
+        if step.body is not None:
+            step.pure = _prepare(step.body.steps, ctx)
+        elif step.defn is not None:
+            step.pure, step.fingerprint = _fingerprint(step, ctx)
+        pure = pure and step.pure
+    return pure
+
+
 def _assign_keys(plan: Plan, fingerprint_ctx: Context | None) -> None:
+    """Keys in topological order. A step that is not pure (an impure node, a failing fingerprint, or — for a
+    loop — such a node anywhere in its body) gets a random nonce: it is never found in the cache again."""
+    _prepare(list(plan.steps.values()), fingerprint_ctx)
     for step in plan.steps.values():
         ins: dict[str, Any] = {}
         for name, src in sorted(step.inputs.items()):
@@ -258,14 +292,10 @@ def _assign_keys(plan: Plan, fingerprint_ctx: Context | None) -> None:
         record: dict[str, Any] = {"type": step.type, "inputs": ins}
         if step.defn is not None:
             record["version"] = step.defn.version
-            if not step.defn.cache and step.defn.fingerprint is None:
-                record["nonce"] = uuid.uuid4().hex  # impure and unfingerprinted: never reuse
-            elif step.defn.fingerprint is not None:
-                literals = {k: s.value for k, s in step.inputs.items() if isinstance(s, Const)}
-                try:
-                    record["fingerprint"] = _canon_value(step.defn.fingerprint(literals, fingerprint_ctx))
-                except Exception as exc:  # noqa: BLE001 - the node itself will report the problem when run
-                    record["fingerprint"] = ["error", type(exc).__name__, uuid.uuid4().hex]
+        if step.fingerprint is not None:
+            record["fingerprint"] = step.fingerprint
+        if not step.pure:
+            record["nonce"] = uuid.uuid4().hex
         if step.body is not None:
             record["options"] = _canon_value(step.loop_options)
             record["body"] = step.body.signature()

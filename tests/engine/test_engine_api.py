@@ -161,7 +161,8 @@ def test_run_result_and_report(reg):
     assert all(v >= 0 for v in report.seconds.values())
     assert report.total_seconds >= max(report.seconds.values())
     data = json.loads(json.dumps(report.to_json()))
-    assert set(data) == {"executed", "cached", "seconds"}
+    assert set(data) == {"executed", "cached", "seconds"}  # "warnings" joins only when there are some
+    assert report.warnings == [] and len(report.run_id) == 32
     assert set(data["seconds"]) == {"total", "nodes"}
     assert set(data["seconds"]["nodes"]) == set(report.executed)
 

@@ -130,17 +130,18 @@ def test_synchronous_and_threaded_give_identical_results(reg):
 # -- gradient modes -------------------------------------------------------------------------------------------
 
 
-def test_nodes_run_under_inference_mode_by_default(reg):
+def test_nodes_run_without_autograd_and_outputs_keep_version_counters(reg):
+    # no_grad rather than inference_mode: cached tensors keep their version counters (the mutation guard).
     g = graph(
         {"t": {"type": "ex.tensor", "inputs": {"shape": [3], "value": 1.0}},
          "m": {"type": "ex.modes", "inputs": {"x": L("t")}}},
         {"t": L("t"), "inference": L("m", "inference"), "grad": L("m", "grad")},
     )
     res = make_engine(reg).run(g)
-    assert res.outputs["inference"] is True
+    assert res.outputs["inference"] is False
     assert res.outputs["grad"] is False
-    assert res.outputs["t"].is_inference()
-    assert ex.CALLS[0]["inference"] is True
+    assert not res.outputs["t"].is_inference() and not res.outputs["t"].requires_grad
+    assert ex.CALLS[0]["inference"] is False
 
 
 def test_grad_node_backprops_through_an_upstream_inference_tensor(reg):
@@ -150,15 +151,17 @@ def test_grad_node_backprops_through_an_upstream_inference_tensor(reg):
          "after": {"type": "ex.modes", "inputs": {"x": L("g", "grad")}}},
         {"t": L("t"), "grad": L("g", "grad"), "after_inference": L("after", "inference")},
     )
-    res = make_engine(reg).run(g)
-    t, grad = res.outputs["t"], res.outputs["grad"]
+    with torch.inference_mode():  # an API caller hands in an inference tensor made outside the engine
+        given = torch.randn(4, generator=torch.Generator().manual_seed(3))
+    res = make_engine(reg).run(g, overrides={"g.x": given})
+    t, grad = given, res.outputs["grad"]
     assert t.is_inference()
     torch.testing.assert_close(grad, 2 * t)
     call = next(c for c in ex.CALLS if c["node"] == "g")
     assert call["inference"] is False and call["grad_enabled"] is True
     assert call["input_is_inference"] is False  # the executor cloned the inference tensor first
-    # the node after it is back under inference mode
-    assert res.outputs["after_inference"] is True
+    # the node after it is back to running without autograd
+    assert res.outputs["after_inference"] is False and not res.outputs["grad"].requires_grad
 
 
 # -- structured errors and resumption -------------------------------------------------------------------------
