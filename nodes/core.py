@@ -6,6 +6,7 @@ These carry no model code; the diffusion nodes live in their own modules of this
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Annotated, Literal
 
 import torch
@@ -13,6 +14,17 @@ import torch
 from nodegraph import Context, Field, node, types as T
 
 Shape = Annotated[list[int], Field(min_length=1, max_length=8, description="tensor shape")]
+
+
+def _shape_cost(literals: dict) -> dict[str, int]:
+    """``cost`` of a node that allocates a tensor of the literal ``shape``."""
+    return {"elements": math.prod(literals["shape"])}
+
+
+def _image_cost(literals: dict) -> dict[str, int]:
+    """``cost`` of a node that makes a ``width`` x ``height`` RGB image."""
+    pixels = literals["width"] * literals["height"]
+    return {"pixels": pixels, "elements": 3 * pixels}
 
 
 @node("math.add", category="math", output="out")
@@ -27,7 +39,7 @@ def multiply(a: float, b: float = 1.0) -> float:
     return a * b
 
 
-@node("tensor.randn", category="tensor", output="out")
+@node("tensor.randn", category="tensor", output="out", cost=_shape_cost)
 def randn(seed: Annotated[int, Field(ge=0, le=2**63 - 1)], shape: Shape,
           scale: float = 1.0) -> T.Tensor:
     """Standard normal noise from a seed, generated on CPU so every device gets the same numbers."""
@@ -37,7 +49,7 @@ def randn(seed: Annotated[int, Field(ge=0, le=2**63 - 1)], shape: Shape,
     return torch.randn(*shape, generator=gen) * scale
 
 
-@node("tensor.full", category="tensor", output="out")
+@node("tensor.full", category="tensor", output="out", cost=_shape_cost)
 def full(shape: Shape, value: float = 0.0) -> T.Tensor:
     """A tensor filled with one value."""
     return torch.full(shape, float(value))
@@ -75,7 +87,7 @@ def linspace(start: float, stop: float, count: Annotated[int, Field(ge=1, le=100
     return torch.linspace(start, stop, count, dtype=torch.float32)
 
 
-@node("image.gradient", category="image", output="image")
+@node("image.gradient", category="image", output="image", cost=_image_cost)
 def gradient(width: Annotated[int, Field(ge=1, le=8192)] = 64, height: Annotated[int, Field(ge=1, le=8192)] = 64,
              start: Annotated[list[float], Field(min_length=3, max_length=3)] = [0.0, 0.0, 0.0],
              end: Annotated[list[float], Field(min_length=3, max_length=3)] = [1.0, 1.0, 1.0],
@@ -107,19 +119,34 @@ def from_tensor(x: T.Tensor, low: float = -1.0, high: float = 1.0) -> T.Image:
     return ((x - low) / (high - low)).clamp(0, 1)
 
 
+IMAGE_FILE_MAX_BYTES = 256 << 20  # an image file read by image.load (PIL's decompression-bomb guard also applies)
+
+
 def _file_fingerprint(literals: dict, ctx: Context) -> str:
+    from nodegraph.safeio import read_bytes
+
     path = ctx.resolve_input(literals["path"])
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(read_bytes(path, IMAGE_FILE_MAX_BYTES, follow_links=False)).hexdigest()
 
 
 @node("image.load", category="image", output="image", fingerprint=_file_fingerprint)
 def load_image(path: str, ctx: Context, mode: Literal["RGB", "RGBA", "L"] = "RGB") -> T.Image:
-    """Read an image file (inside the input root) as a (1, C, H, W) float image in [0, 1]."""
-    from PIL import Image
+    """Read an image file (a regular file inside the input root, at most 256 MiB) as a (1, C, H, W) float image
+    in [0, 1]."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
     import numpy as np
 
-    full = ctx.resolve_input(path)
-    with Image.open(full) as im:
+    from nodegraph.safeio import read_bytes
+
+    full = ctx.resolve_input(path)  # links resolved and confined, so the last component is no link
+    data = read_bytes(full, IMAGE_FILE_MAX_BYTES, follow_links=False)
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ValueError(f"image.load: {str(full)!r} is not an image file PIL can read") from None
+    with im:
         arr = np.asarray(im.convert(mode), dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[..., None]
@@ -129,11 +156,14 @@ def load_image(path: str, ctx: Context, mode: Literal["RGB", "RGBA", "L"] = "RGB
 @node("image.save", category="image", output="file", cache=False)
 def save_image(image: T.Image, path: str, ctx: Context) -> T.File:
     """Write the first image of a batch as PNG under the output root; returns the path written."""
-    from nodegraph.outputs import save_png
+    from pathlib import Path
+
+    from nodegraph.outputs import png_bytes
+    from nodegraph.safeio import write_bytes
 
     full = ctx.resolve_output(path)
     if full.suffix.lower() != ".png":
         raise ValueError(f"image.save writes PNG files; {path!r} does not end in .png")
-    full.parent.mkdir(parents=True, exist_ok=True)
+    root = Path(ctx.output_root).resolve()
     img = image[0] if image.dim() == 4 else image
-    return str(save_png(img, full))
+    return str(write_bytes(root, full.relative_to(root), png_bytes(img)))  # no link below the root is followed

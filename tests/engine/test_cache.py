@@ -217,7 +217,7 @@ def test_disk_tier_formats_and_no_pickle(reg, tmp_path):
     raw = (tmp_path / f"{k['n']}.msgpack").read_bytes()
     assert not raw.startswith(b"\x80")  # not a pickle stream
     assert unpackb(raw) == {"out": 3.0}
-    assert unpackb((tmp_path / f"{k['m']}.msgpack").read_bytes()) == {"inference": True, "grad": False}
+    assert unpackb((tmp_path / f"{k['m']}.msgpack").read_bytes()) == {"inference": False, "grad": False}
 
 
 def test_mixed_tensor_and_scalar_outputs_go_to_msgpack(tmp_path):
@@ -256,7 +256,7 @@ def test_a_new_engine_with_the_same_cache_dir_executes_no_node(reg, tmp_path):
         ("m", "disk"), ("n", "disk"), ("s", "disk")]
     assert sorted(again.report.cached) == ["m", "n", "s"]
     assert torch.equal(again.outputs["s"], first.outputs["s"])
-    assert again.outputs["n"] == 3.0 and again.outputs["inf"] is True
+    assert again.outputs["n"] == 3.0 and again.outputs["inf"] is False
 
 
 def _damage(path: Path, how: str) -> None:
