@@ -30,7 +30,12 @@ import torch
 
 
 def resolve_device(name: str | None, default: str = "auto") -> torch.device:
-    """``auto`` -> cuda if available else cpu; ``cuda`` / ``cuda:N`` / ``cpu`` as given (validated)."""
+    """``auto`` -> cuda if available else cpu; ``cpu``, ``cuda`` / ``cuda:N`` and ``mps`` as given, validated.
+
+    Raises RuntimeError or ValueError naming the device for anything else: a malformed name, a device type
+    nodes cannot run on (``meta``, ``xla``, ...), or a CUDA / MPS device this machine does not have."""
+    if not isinstance(name or default, str):
+        raise ValueError(f"a device is a string such as 'cpu' or 'cuda:0', got {type(name or default).__name__}")
     return _resolve((name or default or "auto").strip())
 
 
@@ -39,10 +44,16 @@ def _resolve(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise ValueError(f"device {name!r}: there is one CPU device ('cpu')")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise RuntimeError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"device {name!r} requested but MPS is not available on this machine")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {name!r}: nodes run on 'cpu', 'cuda', 'cuda:N' or 'mps', not {dev.type!r}")
     return dev
 
 

@@ -18,7 +18,8 @@ subgraph (loop body, graph-defined node) — a reference to a subgraph input ``{
 object that would look like a link is written ``{"literal": {...}}``.
 
 A ``loop`` node additionally carries a ``body`` subgraph; a graph-defined node type is a subgraph with
-declared ``inputs`` plus ``type``/``version`` metadata (see :func:`nodegraph.registry.graph_node_def`).
+declared ``inputs`` plus ``type``/``version`` metadata (see :func:`nodegraph.registry.graph_node_def`). The
+loop vocabulary (:data:`LOOP_TYPE`, its options and the implicit body inputs) is defined here, once.
 
 Round trips: ``Graph.model_validate_json(g.model_dump_json())`` and the msgpack equivalents are lossless.
 """
@@ -30,8 +31,14 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
+from . import types as T
+
 GRAPH_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
+
+LOOP_TYPE = "loop"  # the one built-in node type: runs its ``body`` per item of ``over`` or ``count`` times
+LOOP_OPTIONS = {"over": T.Any, "count": T.Int, "pairs": T.Bool, "grad": T.Bool}  # the loop node's own inputs
+LOOP_IMPLICIT = {"index": T.Int, "item": T.Any, "next_item": T.Any, "total": T.Int}  # inputs every body sees
 
 
 class Link(BaseModel):

@@ -36,7 +36,7 @@ from typing import Any, Iterable
 from . import types as T
 from .errors import PluginError
 from .graph import Subgraph
-from .node import InputDef, NodeDef, _adapter_for, parse_semver
+from .node import InputDef, NodeDef, _adapter_for, parse_semver, takes_two
 
 ENTRY_POINT_GROUP = "nodegraph.nodes"
 PLUGIN_PATH_ENV = "NODEGRAPH_PLUGIN_PATH"
@@ -61,6 +61,7 @@ class Registry:
         self._nodes: dict[str, NodeDef] = {}
         self.packs: dict[str, list[str]] = {}
         self.failures: list[PackFailure] = []
+        self.model_folders: list[tuple[str, Path]] = []  # (model folder kind, path) that packs ship
         self._lock = threading.RLock()
 
     # -- lookup ------------------------------------------------------------------------------------------
@@ -85,6 +86,7 @@ class Registry:
         new._nodes.update(self._nodes)
         new.packs.update({k: list(v) for k, v in self.packs.items()})
         new.failures.extend(self.failures)
+        new.model_folders.extend(self.model_folders)
         return new
 
     # -- adding ------------------------------------------------------------------------------------------
@@ -104,6 +106,16 @@ class Registry:
                 d.pack = pack
                 self._nodes[d.type_id] = d
             self.packs.setdefault(pack, []).extend(d.type_id for d in batch)
+
+    def add_model_folder(self, folder: str, path: str | Path) -> None:
+        """Let model names of kind ``folder`` (``diffusion_models``, ``vae``, ...; see nodegraph.roots) also
+        resolve inside ``path``, after the user's model roots. A pack calls this for the weights it ships."""
+        from .roots import MODEL_FOLDERS
+
+        if folder not in MODEL_FOLDERS:
+            raise PluginError(f"unknown model folder {folder!r}; known: {sorted(MODEL_FOLDERS)}")
+        with self._lock:
+            self.model_folders.append((folder, Path(path)))
 
     def add_module(self, module: ModuleType, pack: str | None = None) -> None:
         """Register every decorated function of a module (and its ``GRAPH_NODES``) as one pack."""
@@ -132,12 +144,15 @@ class Registry:
                 self.add_module(obj, name)
             elif callable(obj):
                 staging = Registry()  # the pack registers into a scratch registry, then joins all or nothing
-                obj(staging, name) if _takes_two(obj) else obj(staging)
+                obj(staging, name) if takes_two(obj) else obj(staging)
                 self.add(list(staging._nodes.values()), name)
+                self.model_folders.extend(staging.model_folders)
             else:
                 raise PluginError(f"entry point resolved to {type(obj).__name__}, expected a module or callable")
             return True
-        except Exception as exc:  # noqa: BLE001 - a broken pack must not stop the others
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - a broken pack (sys.exit() at import too) must
+            if isinstance(exc, SystemExit):  # not stop the others, nor the command that loads it
+                exc = PluginError(f"the pack called sys.exit({exc.code!r}) while loading")
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             self.failures.append(PackFailure(name, source, detail))
             return False
@@ -170,15 +185,6 @@ class Registry:
         for folder in [*env, *plugin_dirs]:
             reg.load_folder(folder)
         return reg
-
-
-def _takes_two(fn) -> bool:
-    import inspect
-
-    try:
-        return len(inspect.signature(fn).parameters) >= 2
-    except (TypeError, ValueError):
-        return False
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -224,7 +230,7 @@ def graph_node_def(data: dict[str, Any]) -> NodeDef:
         ptype = T.parse_type(decl.type)
         required = not decl.optional and decl.default is None
         inputs[name] = InputDef(name, ptype, required, decl.default, decl.description, _adapter_for(
-            _PY_BY_NAME.get(ptype.name, Any), None, ptype))
+            T.PY_TYPES.get(ptype.name, Any), None, ptype))
     declared = data.get("output_types") or {}
     outputs = {name: T.parse_type(declared.get(name, "Any")) for name in sub.outputs}
     return NodeDef(
@@ -241,5 +247,3 @@ def graph_node_def(data: dict[str, Any]) -> NodeDef:
         extra={"output_types_declared": bool(declared), "definition": data},
     )
 
-
-_PY_BY_NAME = {"Int": int, "Float": float, "Bool": bool, "String": str, "List": list, "Dict": dict}

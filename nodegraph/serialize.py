@@ -120,7 +120,7 @@ import math
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
@@ -386,12 +386,19 @@ _MSGPACK_LIMIT_NAMES = {
 }
 
 
-def unpackb(data: bytes | bytearray | memoryview, *, limits: Limits | None = None) -> Any:
+def unpackb(
+    data: bytes | bytearray | memoryview,
+    *,
+    limits: Limits | None = None,
+    object_pairs_hook: Callable[[list[tuple[Any, Any]]], Any] | None = None,
+) -> Any:
     """Decode bytes written by :func:`packb` (or :func:`dumps_canonical`).
 
     Raises :class:`SerializationError` for anything malformed, truncated, unknown or over
     ``limits`` (default :data:`DEFAULT_LIMITS`); ``TypeError`` if ``data`` is not
-    bytes-like.
+    bytes-like. ``object_pairs_hook`` (as in :func:`json.loads`) builds each map from its
+    ``(key, value)`` pairs, e.g. to refuse a repeated key (graphs do, see
+    :mod:`nodegraph.source`); by default a repeated key keeps its last value.
     """
     lim = limits or DEFAULT_LIMITS
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -403,7 +410,7 @@ def unpackb(data: bytes | bytearray | memoryview, *, limits: Limits | None = Non
             limit="max_input_bytes",
         )
     try:
-        value = _Decoder(lim).unpack(data)
+        value = _Decoder(lim, object_pairs_hook).unpack(data)
         _check_tree(value, lim.max_depth)
         return value
     except SerializationError:
@@ -443,7 +450,7 @@ _DECODED_TUPLE_TAG = _TupleTag()
 
 
 class _Decoder:
-    def __init__(self, lim: Limits) -> None:
+    def __init__(self, lim: Limits, object_pairs_hook: Callable | None = None) -> None:
         self.lim = lim
         cap = min(lim.max_input_bytes, 2**63 - 1)
         self.kwargs = dict(
@@ -460,6 +467,8 @@ class _Decoder:
             max_map_len=min(lim.max_container_len, cap),
             max_ext_len=cap,
         )
+        if object_pairs_hook is not None:
+            self.kwargs["object_pairs_hook"] = object_pairs_hook
 
     def unpack(self, data: Any) -> Any:
         return msgpack.unpackb(data, **self.kwargs)

@@ -170,7 +170,9 @@ def check_edge(src: PortType, dst: PortType, bindings: dict[str, _Any]) -> None:
 # Python annotations -> port types
 # ---------------------------------------------------------------------------------------------------------
 
-_PY_SCALARS: dict[_Any, PortType] = {int: Int, float: Float, bool: Bool, str: String, list: List, dict: Dict}
+#: The one map between port-type names and the Python types their literals have (JSON's scalars and containers).
+PY_TYPES: dict[str, type] = {"Int": int, "Float": float, "Bool": bool, "String": str, "List": list, "Dict": dict}
+_PY_SCALARS: dict[_Any, PortType] = {py: BUILTIN_TYPES[name] for name, py in PY_TYPES.items()}
 
 
 def from_annotation(ann: _Any) -> PortType:

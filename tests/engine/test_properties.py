@@ -6,6 +6,11 @@
 * Random valid graphs built from the toy pack (literals, links, multi-output nodes, type variables, loops,
   graph-defined nodes, escaped literals, meta): they validate, and round-trip losslessly through JSON and
   msgpack (equal models, equal dumps).
+* Hostile graphs (see also ``test_hostile_graphs.py``): deep nesting as text and as objects, huge integers,
+  interlocking cycles, nested loops, odd output names and device strings, duplicate keys. Validation never
+  raises and gives the expected code; an invalid one runs nothing; one that validates also plans.
+
+Examples per property: 60 by default (fast, for CI); ``NODEGRAPH_HYPOTHESIS_PROFILE=thorough`` runs 10,000.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
 
+import networkx as nx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,6 +29,8 @@ from hypothesis import strategies as st
 import nodegraph
 from nodegraph import Graph
 from nodegraph import validate as V
+from nodegraph.devices import resolve_device
+from nodegraph.limits import DEFAULT_LIMITS
 from nodegraph.errors import GraphValidationError, NodeExecutionError
 from tests.engine import toy_nodes
 from tests.engine.conftest import TOY_GRAPH, make_registry
@@ -30,8 +39,11 @@ from tests.engine.toy_nodes import link
 REGISTRY = make_registry()
 ENGINE = nodegraph.Engine(REGISTRY, device="cpu", max_workers=1)
 CODES = set(re.findall(r"^``(\w+)``\s", V.__doc__, flags=re.M))
-SETTINGS = settings(max_examples=60, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROFILE_ENV = "NODEGRAPH_HYPOTHESIS_PROFILE"
+settings.register_profile("nodegraph-default", max_examples=60, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("nodegraph-thorough", settings.get_profile("nodegraph-default"), max_examples=10_000)
+SETTINGS = settings.get_profile(f"nodegraph-{os.environ.get(PROFILE_ENV, 'default')}")  # this module only
 
 TYPE_IDS = REGISTRY.type_ids()
 PORTS = sorted({p for t in TYPE_IDS for p in REGISTRY.get(t).inputs} | set(V.LOOP_OPTIONS))
@@ -197,7 +209,8 @@ def valid_graphs(draw):
     producers = [s for srcs in made.values() for s in srcs]
     outputs = {}
     if producers:
-        names = draw(st.lists(st.text(max_size=6), max_size=4, unique=True))
+        names = draw(st.lists(st.text(max_size=6).filter(lambda n: V.output_name_problem(n) is None), max_size=4,
+                              unique=True))
         outputs = {name: link(*draw(st.sampled_from(producers))) for name in names}
     graph = {"version": 1, "nodes": nodes, "outputs": outputs}
     if draw(st.booleans()):
@@ -383,3 +396,154 @@ def test_non_finite_literal_is_rejected_or_round_trips(value):
     back = Graph.model_validate_json(g.model_dump_json()).nodes["a"].inputs["value"]
     assert isinstance(back, float), f"{value!r} came back as {back!r}"
     assert math.isnan(back) if math.isnan(value) else back == value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hostile graphs: what each one must give, and that nothing runs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _expect(data, codes: set[str] | None, engine: bool = False):
+    """Validate (through the Engine when ``engine``); ``codes`` is the exact set of codes, None when valid.
+    An invalid graph runs nothing; a valid one plans (cache keys included)."""
+    result = ENGINE.validate(data) if engine else V.validate(data, REGISTRY)
+    _check_result(result)
+    assert ({i.code for i in result.issues} or None) == codes, result.issues
+    if result.ok:
+        ENGINE.plan(data)
+        return result
+    toy_nodes.CALLS.clear()
+    with pytest.raises(GraphValidationError):
+        ENGINE.run(data)
+    assert sum(toy_nodes.CALLS.values()) == 0, dict(toy_nodes.CALLS)
+    return result
+
+
+def _probe_graph(value_text: str, meta: bool = False) -> str:
+    """A graph holding a counter and an echo of ``value_text`` (as its input, or in its meta)."""
+    held = f'"meta": {{"m": {value_text}}}' if meta else f'"inputs": {{"value": {value_text}}}'
+    return ('{"version": 1, "nodes": {"c": {"type": "toy.counter", "inputs": {"x": 1.0}}, '
+            f'"e": {{"type": "toy.echo", {held}}}}}, "outputs": {{"o": {{"node": "c", "output": "out"}}}}}}')
+
+
+@SETTINGS
+@given(st.lists(st.sampled_from(["[", "{"]), min_size=1, max_size=3000), st.booleans(), st.booleans())
+def test_deep_nesting_is_too_deep_past_the_limit_and_fine_below(openers, meta, as_text):
+    text = "".join("[" if o == "[" else '{"k": ' for o in openers) + "0"
+    text += "".join("]" if o == "[" else "}" for o in reversed(openers))
+    depth = len(openers) + (1 if meta else 0)  # the meta object is one level too
+    limit = DEFAULT_LIMITS.max_nesting if meta else V.KEY_DEPTH - 3  # literals: what cache keys hold
+    data = _probe_graph(text, meta)
+    if not as_text:
+        if len(openers) > 700:
+            return  # json.loads itself cannot build it; the text form covers it
+        data = json.loads(data)
+    _expect(data, {"too_deep"} if depth > limit else None)
+
+
+@SETTINGS
+@given(st.integers(1, 6000), st.booleans(), st.booleans())
+def test_huge_integers_are_too_large_past_4300_digits(digits, negative, as_text):
+    literal = ("-" if negative else "") + "9" * digits
+    data = _probe_graph(literal) if as_text else json.loads(_probe_graph("0"))
+    if not as_text:
+        data["nodes"]["e"]["inputs"]["value"] = (-1 if negative else 1) * (10**digits - 1)
+    _expect(data, {"too_large"} if digits > 4300 else None)
+
+
+@st.composite
+def wired(draw):
+    """toy.add nodes whose inputs link to random others (so: any number of interlocking cycles, or none)."""
+    n = draw(st.integers(1, 25))
+    ids = [f"n{i}" for i in range(n)]
+    nodes = {}
+    for nid in ids:
+        inputs = {port: link(draw(st.sampled_from(ids))) if draw(st.booleans()) else 1.0 for port in ("a", "b")}
+        nodes[nid] = {"type": "toy.add", "inputs": inputs}
+    nodes["probe"] = {"type": "toy.counter", "inputs": {"x": 1.0}}
+    return {"version": 1, "nodes": nodes, "outputs": {"o": link("probe")}}
+
+
+@SETTINGS
+@given(wired())
+def test_interlocking_cycles_are_cycle_issues_in_a_bounded_count(data):
+    dag = nx.DiGraph([(v["node"], nid) for nid, spec in data["nodes"].items() for v in spec["inputs"].values()
+                      if isinstance(v, dict)])
+    cyclic = dag.number_of_nodes() and not nx.is_directed_acyclic_graph(dag)
+    result = _expect(data, {"cycle"} if cyclic else None)
+    on_cycles = {n for c in nx.strongly_connected_components(dag) for n in c if len(c) > 1 or dag.has_edge(n, n)}
+    assert len(result.issues) <= 51
+    assert {i.node for i in result.issues} <= on_cycles
+
+
+@SETTINGS
+@given(st.integers(1, 60), st.lists(st.sampled_from([0, 1]), min_size=60, max_size=60))
+def test_nested_loops_validate_plan_and_run_or_are_too_deep(levels, counts):
+    body = {"inputs": {"x": {"type": "Float", "carry": True}},
+            "nodes": {"s": {"type": "toy.add", "inputs": {"a": {"input": "x"}, "b": 1.0}}},
+            "outputs": {"x": link("s")}}
+    for k in range(levels - 1):
+        body = {"inputs": {"x": {"type": "Float", "carry": True}},
+                "nodes": {"l": {"type": "loop", "inputs": {"count": counts[k], "x": {"input": "x"}}, "body": body}},
+                "outputs": {"x": link("l", "x")}}
+    data = {"version": 1, "nodes": {"src": {"type": "toy.const", "inputs": {"value": 1.0}},
+                                    "top": {"type": "loop", "inputs": {"count": counts[-1], "x": link("src")},
+                                            "body": body}},
+            "outputs": {"x": link("top", "x")}}
+    result = _expect(data, {"too_deep"} if levels > V.MAX_LOOP_NESTING else None)
+    if result.ok:
+        ran = all(counts[k] for k in range(levels - 1)) and counts[-1]
+        assert ENGINE.run(data).outputs["x"] == 1.0 + ran
+
+
+@SETTINGS
+@given(st.text(max_size=300) | st.sampled_from(["..", ".", "", "/x", "a/b", "a\\b", "C:x", "x" * 255, "x" * 256,
+                                                 "é" * 128, "\x00", "\ud800"]))
+def test_output_names_are_refused_unless_they_name_a_file_in_the_folder(tmp_path_factory, name):
+    data = {"version": 1, "nodes": {"c": {"type": "toy.counter"}}, "outputs": {name: link("c")}}
+    result = _expect(data, None if V.output_name_problem(name) is None else {"bad_output_name"})
+    if result.ok:  # the name is one file, created in the folder itself
+        folder = tmp_path_factory.mktemp("names")
+        (folder / name).write_text("x")
+        assert os.listdir(folder) == [name]
+
+
+@SETTINGS
+@given(st.text(max_size=12) | st.sampled_from(["cpu", "cpu:0", " cpu ", "cuda", "cuda:0", "cuda:7", "mps", "meta",
+                                                "xla", "", "auto", "cpu:1", "cpu:abc", "hpu", "vulkan"]))
+def test_device_pins_are_honoured_or_bad_device(pin):
+    data = {"version": 1, "nodes": {"c": {"type": "toy.counter", "device": pin}}, "outputs": {"o": link("c")}}
+    result = ENGINE.validate(data)
+    assert {i.code for i in result.issues} <= {"bad_device"}
+    if result.ok:
+        assert resolve_device(pin).type in ("cpu", "cuda", "mps")
+    else:
+        toy_nodes.CALLS.clear()
+        with pytest.raises(GraphValidationError):
+            ENGINE.run(data)
+        assert sum(toy_nodes.CALLS.values()) == 0
+
+
+def _dumps_repeating(value, target: int, counter: list[int]) -> str:
+    """JSON text of ``value`` in which the ``target``-th non-empty object repeats its first key."""
+    if isinstance(value, dict):
+        pairs = [f"{json.dumps(k)}: {_dumps_repeating(v, target, counter)}" for k, v in value.items()]
+        if value:
+            counter[0] += 1
+            if counter[0] - 1 == target:
+                pairs.append(pairs[0])
+        return "{" + ", ".join(pairs) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_dumps_repeating(v, target, counter) for v in value) + "]"
+    return json.dumps(value)
+
+
+@SETTINGS
+@given(valid_graphs() | st.just(TOY_GRAPH), st.integers(0, 200))
+def test_a_repeated_key_anywhere_is_duplicate_key(data, pick):
+    counter = [0]
+    _dumps_repeating(data, -1, counter)  # counts the non-empty objects
+    objects = counter[0]
+    text = _dumps_repeating(data, pick % objects, [0])
+    _expect(text, {"duplicate_key"})
+

@@ -129,6 +129,17 @@ CASES = [
     ("bad_loop", graph({"lp": {"type": "loop", "inputs": {"count": 2}}}), None, "lp", None),
     ("bad_loop", loop_graph(STEP, over=[1, 2]), None, "lp", "count"),
     ("bad_loop", loop_graph(STEP, body_outputs={}), None, "lp", "x"),
+    ("bad_graph", _toy(a={"value": (1.0, 2.0)}), None, "a", "value"),  # a tuple is not JSON data
+    ("bad_graph", graph({"t": {"type": "toy.add_twice", "inputs": {"x": 1.0}}, "t/first": {"type": "toy.const"}}),
+     None, "t/first", None),  # the same step as node "first" inside graph-defined node "t"
+    ("bad_version", {**TOY_GRAPH, "version": True}, None, None, None),
+    ("duplicate_key", '{"version": 1, "nodes": {"a": {"type": "toy.const", "type": "toy.int"}}}', None, "a", None),
+    ("bad_output_name", _with_output("../up", link("a")), None, None, "../up"),
+    ("too_large", loop_graph(STEP, count=10**30), None, "lp", "count"),
+    ("too_large", '{"version": 1, "nodes": {"a": {"type": "toy.int", "inputs": {"value": 1' + "0" * 4300 + '}}}}',
+     None, "a", "value"),
+    ("too_deep", _toy(a={"value": json.loads("[" * 129 + "]" * 129)}), None, "a", "value"),
+    ("too_deep", '{"version": 1, "nodes": {"a": {"inputs": {"v": ' + "[" * 3000 + "]" * 3000 + '}}}}', None, "a", "v"),
 ]
 
 
@@ -146,7 +157,10 @@ def test_error_code(registry, code, data, overrides, node, port):
 
 
 # Codes whose trigger needs its own registry or fixture; each is exercised by the named test in this file.
-EXERCISED_ELSEWHERE = {"recursive_type": "test_self_recursive_graph_defined_node_is_an_issue_not_a_crash"}
+EXERCISED_ELSEWHERE = {"recursive_type": "test_self_recursive_graph_defined_node_is_an_issue_not_a_crash",
+                       "missing_dependency": "test_missing_dependency_and_a_failing_cost_hook",
+                       "bad_value": "test_missing_dependency_and_a_failing_cost_hook",
+                       "bad_device": "test_engine_adds_bad_device_for_pins_anywhere"}
 
 
 def test_every_documented_code_is_exercised():
@@ -157,7 +171,52 @@ def test_every_documented_code_is_exercised():
     assert all(name in globals() for name in EXERCISED_ELSEWHERE.values())
 
 
-def test_cycle_names_the_nodes_on_it(registry):
+def test_missing_dependency_and_a_failing_cost_hook(registry):
+    def probe(x: float = 0.0) -> float:
+        return x
+
+    registry.add([nodegraph.define(probe, "v.needs", requires=("json", "nodegraph_absent_module")),
+                  nodegraph.define(probe, "v.costly", cost=lambda literals: {"pixels": literals["x"] / 0})], "v")
+    result = V.validate(graph({"n": {"type": "v.needs"}, "c": {"type": "v.costly", "inputs": {"x": 1.0}}}), registry)
+    assert where(result) == {("missing_dependency", "n", None), ("bad_value", "c", None)}
+    [missing] = [i for i in result.issues if i.code == "missing_dependency"]
+    assert "nodegraph_absent_module" in missing.message and "json" not in missing.message and missing.hint
+
+
+def test_engine_adds_bad_device_for_pins_anywhere(registry):
+    eng = nodegraph.Engine(registry, device="cpu")
+    body = {"nodes": {"s": {"type": "toy.const", "device": "meta"}}, "outputs": {}}
+    g = graph({"a": {"type": "toy.const", "device": "xla"},
+               "lp": {"type": "loop", "inputs": {"count": 1}, "body": body},
+               "b": {"type": "toy.add", "inputs": {}}})  # another problem: devices are still reported
+    assert where(eng.validate(g)) == {("bad_device", "a", None), ("bad_device", "lp/s", None),
+                                      ("missing_input", "b", "a")}
+
+
+def test_interlocked_cycles_are_one_issue_and_separate_cycles_one_each(registry):
+    ring = {f"r{i}": {"type": "toy.add", "inputs": {"a": link(f"r{(i + 1) % 6}"), "b": link(f"r{(i + 2) % 6}")}}
+            for i in range(6)}
+    pair = {"p": {"type": "toy.add", "inputs": {"a": link("q")}}, "q": {"type": "toy.add", "inputs": {"a": link("p")}}}
+    result = V.validate(graph({**ring, **pair}), registry)
+    assert where(result) == {("cycle", "p", None), ("cycle", "r0", None)}
+
+
+def test_limits_come_from_the_context(registry):
+    from nodegraph.limits import Limits
+    from nodegraph.node import Context
+
+    g = loop_graph(STEP, count=50)
+    assert V.validate(g, registry).ok and V.validate(g, registry, ctx=Context("x", None)).ok
+    tight = V.validate(g, registry, ctx=Context("x", None, limits=Limits(max_loop_iterations=49)))
+    assert where(tight) == {("too_large", "lp", "count")} and "max_loop_iterations=49" in tight.issues[0].message
+    shallow = Context("x", None, limits=Limits(max_nesting=1))
+    assert V.validate(graph({"e": {"type": "toy.echo", "inputs": {"value": [1]}}}), registry, ctx=shallow).ok
+    deep = V.validate(graph({"e": {"type": "toy.echo", "inputs": {"value": [[1]]}}}), registry, ctx=shallow)
+    assert where(deep) == {("too_deep", "e", "value")} and "max_nesting=1" in deep.issues[0].message
+    assert V.validate(g, registry, ctx=shallow).ok  # the body is one level down
+    two = loop_graph({"inner": {"type": "loop", "inputs": {"count": 1}, "body": {"nodes": {}, "outputs": {}}}, **STEP})
+    assert where(V.validate(two, registry, ctx=shallow)) == {("too_deep", "lp/inner", None)}
+
     result = V.validate(_toy(a={"value": link("count")}), registry)
     [cycle] = [i for i in result.issues if i.code == "cycle"]
     for nid in ("a", "b", "count"):
@@ -572,7 +631,8 @@ def test_parse_set(expr, expected):
     assert type(value) is type(expected[2])
 
 
-@pytest.mark.parametrize("expr", ["novalue", "nodot=1", ".b=1", "a.=1", "=1", ""])
+@pytest.mark.parametrize("expr", ["novalue", "nodot=1", ".b=1", "a.=1", "=1", "", "a.b=" + "[" * 5000 + "]" * 5000,
+                                  "a.b=" + "9" * 5000, 'a.b={"k": 1, "k": 2}'])
 def test_parse_set_rejects(expr):
     with pytest.raises(ValueError):
         V.parse_set(expr)
