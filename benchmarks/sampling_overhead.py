@@ -25,6 +25,7 @@ import torch
 from _table import print_table
 
 from nodegraph import Engine
+from nodegraph.roots import ModelRoots
 from nodes.adapters import DenoiserInfo, DenoiserModel, Guided
 from nodes.diffusion import steps as S
 from nodes.models import text, unet, vae
@@ -73,7 +74,7 @@ def txt2img_graph(paths: dict[str, str], steps: int, size: int, mode: str = "bat
 
 
 def bench_overhead(paths: dict[str, str], steps: int, repeats: int, size: int) -> tuple[str, str]:
-    engine = Engine(device="cpu", max_workers=1)
+    engine = Engine(device="cpu", max_workers=1, model_roots=ModelRoots(allow_paths=True))
     graph = txt2img_graph(paths, steps, size)
     first = engine.run(graph)  # loads models; later runs re-execute only the sampler (models stay cached)
     plan, _ = engine.plan(graph)
@@ -111,7 +112,7 @@ def bench_overhead(paths: dict[str, str], steps: int, repeats: int, size: int) -
 
 def _memory_child(paths_json: str, mode: str, steps: int, size: int, batch: int) -> None:
     paths = json.loads(paths_json)
-    engine = Engine(device="auto", max_workers=1)
+    engine = Engine(device="auto", max_workers=1, model_roots=ModelRoots(allow_paths=True))
     graph = txt2img_graph(paths, steps, size, mode=mode, batch=batch)
     prep = {**graph, "outputs": {"start": {"node": "start", "output": "latent"}, "cfg": {"node": "cfg", "output": "model"},
                                  "prompt": {"node": "prompt", "output": "cond"}}}

@@ -108,12 +108,14 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
 def engine_factory(tmp_path: Path):
     """``make()`` -> a fresh CPU Engine (own cache) with input and output roots inside tmp_path."""
     from nodegraph import Engine
+    from nodegraph.roots import ModelRoots
 
     (tmp_path / "in").mkdir(exist_ok=True)
     (tmp_path / "out").mkdir(exist_ok=True)
 
-    def make() -> Engine:
-        return Engine(device="cpu", input_root=tmp_path / "in", output_root=tmp_path / "out")
+    def make() -> Engine:  # the fixtures' models are folders in tmp, named by absolute path (embedding API)
+        return Engine(device="cpu", input_root=tmp_path / "in", output_root=tmp_path / "out",
+                      model_roots=ModelRoots(allow_paths=True))
 
     return make
 

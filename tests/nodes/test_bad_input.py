@@ -6,7 +6,11 @@ nothing is written anywhere.
 * a wrong-channel ControlNet residual: a ValueError naming the residual, surfaced as NodeExecutionError;
 * a pickle-based weight file instead of ``model.safetensors``: refused by name, never opened;
 * ``image.save`` / ``image.load`` paths escaping the output / input root;
-* an unknown model name: validation ``unknown_model`` whose hint lists the shipped models.
+* an unknown model name: validation ``unknown_model`` whose hint lists the shipped models (names in model roots,
+  paths, foreign configs: ``tests/nodes/test_model_roots.py``).
+
+The fixtures' models are tmp folders named by absolute path, which the engines here allow explicitly
+(``ModelRoots(allow_paths=True)``, the embedding API).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import nodes.model_nodes
 import nodes.models.config
 from nodegraph import Engine, GraphValidationError, NodeExecutionError, default_registry, node
 from nodegraph import types as T
+from nodegraph.roots import ModelRoots
 from nodes.adapters import DenoiserInfo, DenoiserModel
 from nodes.models.config import PICKLE_SUFFIXES, WEIGHTS_NAME, load_folder
 from tests.nodes.conftest import SIZE, TinyModels, gradient_image, link, txt2img_graph
@@ -186,7 +191,8 @@ def add_control(cond: T.Conditioning, wrong: Literal["none", "mid", "down"] = "n
 def control_engine(tmp_path: Path) -> Engine:
     registry = default_registry().copy()
     registry.add(add_control.__node_def__, "test")
-    return Engine(registry, device="cpu", input_root=tmp_path / "in", output_root=tmp_path / "out")
+    return Engine(registry, device="cpu", input_root=tmp_path / "in", output_root=tmp_path / "out",
+                  model_roots=ModelRoots(allow_paths=True))
 
 
 def control_graph(models: TinyModels, wrong: str) -> dict[str, Any]:
@@ -398,35 +404,38 @@ def test_image_load_inside_the_input_root_reads(engine, tmp_path, secret_png) ->
 # ---------------------------------------------------------------------------------------------------------
 
 
+SHIPPED_MODELS = sorted(f"tiny-shapes/{p.parent.name}" for p in
+                        (nodes.model_nodes.WEIGHTS_ROOT / "tiny-shapes").glob("*/config.json"))
+
+
 def test_unknown_model_is_a_validation_error_listing_shipped_models(engine, tiny_models, weights_never_read) -> None:
+    assert len(SHIPPED_MODELS) >= 6, SHIPPED_MODELS
     graph = txt2img_graph(tiny_models)
     graph["nodes"]["unet"]["inputs"]["path"] = "tiny-shapes/no-such-model"
     issues = engine.validate(graph).issues
     found = [i for i in issues if i.code == "unknown_model"]
     assert [(i.node, i.port) for i in found] == [("unet", "path")], issues
     assert "tiny-shapes/no-such-model" in found[0].message
-    shipped = nodes.model_nodes.catalog()
-    assert found[0].hint and found[0].hint.startswith("shipped models:")
-    assert all(name in found[0].hint for name in shipped)
-    if not shipped:
-        assert "none" in found[0].hint
+    assert found[0].hint and str(nodes.model_nodes.WEIGHTS_ROOT) in found[0].hint
+    assert all(name in found[0].hint for name in SHIPPED_MODELS), found[0].hint
     with pytest.raises(GraphValidationError):
         engine.run(graph)
     assert weights_never_read == []
 
 
-def test_unknown_model_hint_lists_installed_models(engine, tiny_models, tmp_path, monkeypatch) -> None:
-    """With models installed in the package's weights folder, the hint names them and the names resolve."""
-    weights = tmp_path / "weights"
-    shutil.copytree(tiny_models.unet, weights / "tiny-fam" / "unet")
-    shutil.copytree(tiny_models.vae, weights / "tiny-fam" / "vae")
-    monkeypatch.setattr(nodes.model_nodes, "WEIGHTS_ROOT", weights)
+def test_unknown_model_hint_lists_installed_models(tiny_models, tmp_path) -> None:
+    """With models installed in a model root, the hint names them and the names resolve."""
+    root = tmp_path / "models"
+    shutil.copytree(tiny_models.unet, root / "diffusion_models" / "tiny-fam" / "unet")
+    shutil.copytree(tiny_models.vae, root / "vae" / "tiny-fam" / "vae")
+    shutil.copytree(tiny_models.text, root / "text_encoders" / "tiny-fam" / "text")
+    engine = Engine(device="cpu", model_roots=[root], input_root=tmp_path, output_root=tmp_path / "out")
     graph = txt2img_graph(tiny_models)
     graph["nodes"]["unet"]["inputs"]["path"] = "tiny-fam/unett"
     (issue,) = [i for i in engine.validate(graph).issues if i.code == "unknown_model"]
-    assert "tiny-fam/unet" in issue.hint and "tiny-fam/vae" in issue.hint
-    graph["nodes"]["unet"]["inputs"]["path"] = "tiny-fam/unet"
-    graph["nodes"]["vae"]["inputs"]["path"] = "tiny-fam/vae"
+    assert "tiny-fam/unet" in issue.hint and "tiny-shapes/unet" in issue.hint
+    for name, component in (("unet", "unet"), ("vae", "vae"), ("text", "text")):
+        graph["nodes"][name]["inputs"]["path"] = f"tiny-fam/{component}"
     assert engine.validate(graph).issues == []
 
 

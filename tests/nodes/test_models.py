@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from nodes.models.config import CheckpointError, load_folder, model_classes, save_folder
+from nodes.models.config import CheckpointError, ForeignModel, load_folder, model_classes, save_folder
 from nodes.models.dit import DiT, DiTConfig, MixFeedForward
 from nodes.models.text import TextConfig, TextEncoder
 from nodes.models.unet import UNet, UNetConfig, UNetEncoder
@@ -97,6 +98,9 @@ def test_presets_round_trip_and_unknown_name(config_cls: type) -> None:
         config_cls.from_name("nope")
     with pytest.raises(ValueError, match="no field.*bogus"):
         config_cls.from_dict({"bogus": 1})
+    field = next(f.name for f in dataclasses.fields(config_cls) if type(getattr(config_cls(), f.name)) is int)
+    with pytest.raises(ValueError, match=f"wrong type: {field} \\(int\\)"):
+        config_cls.from_dict({field: True})  # strict: a bool is not an int, nor "3", nor 3.0
 
 
 def test_config_validation_is_clear() -> None:
@@ -148,8 +152,13 @@ def test_load_reports_missing_unexpected_and_shape(tmp_path: Path) -> None:
     expected = r"missing keys \[final_layer\.linear\.bias\]; unexpected keys \[extra\.weight\]"
     with pytest.raises(CheckpointError, match=expected):
         load_folder(tmp_path)
+    state["<script>\x1b[2J"] = state.pop("extra.weight")  # a foreign file's odd names are counted, not quoted
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match=r"unexpected keys \[\] and 1 odd name") as err:
+        load_folder(tmp_path)
+    assert "script" not in str(err.value) and "\x1b" not in str(err.value)
     state["final_layer.linear.bias"] = torch.zeros(7)
-    del state["extra.weight"]
+    del state["<script>\x1b[2J"]
     save_file(state, str(weights))
     with pytest.raises(CheckpointError, match=r"final_layer\.linear\.bias: expected \(16,\), file has \(7,\)"):
         load_folder(tmp_path)
@@ -161,8 +170,16 @@ def test_load_dtype_names_and_bad_config(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="floating torch.dtype"):
         load_folder(tmp_path, dtype=torch.int8)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "sampler"}))
-    with pytest.raises(CheckpointError, match="unknown model_type 'sampler'"):
+    with pytest.raises(ForeignModel, match="holds a model of another kind") as err:
         load_folder(tmp_path)
+    assert "sampler" not in str(err.value)  # a foreign file's values are never quoted
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vae", "latent_channels": "4"}))
+    with pytest.raises(CheckpointError, match=r"wrong type: latent_channels \(int\)"):
+        load_folder(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vae", "mystery": 1}))
+    with pytest.raises(CheckpointError, match="1 field.* a VAEConfig does not have") as err:
+        load_folder(tmp_path)
+    assert "mystery" not in str(err.value)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_folder(tmp_path / "missing")
 

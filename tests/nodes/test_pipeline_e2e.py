@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from nodegraph import Engine
 from nodegraph.cli import main
 from nodegraph.outputs import PNG_GRAPH_KEY
 from nodes.diffusion import reference
@@ -178,14 +179,20 @@ def test_inpaint_half_mask_keeps_the_known_half_and_generates_the_other(engine, 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_cli_run_writes_a_png_carrying_its_graph(tiny_models, tmp_path, capsys, engine) -> None:
+def test_cli_run_writes_a_png_carrying_its_graph(tiny_models, tmp_path, capsys) -> None:
+    """The CLI names models inside ``--models`` roots (ComfyUI's folders; links inside a root are followed)."""
+    root = tmp_path / "models"
     graph = txt2img_graph(tiny_models, "euler", seed=11)
+    for node, folder in (("unet", "diffusion_models"), ("vae", "vae"), ("text", "text_encoders")):
+        (root / folder).mkdir(parents=True)
+        (root / folder / f"tiny-{node}").symlink_to(graph["nodes"][node]["inputs"]["path"])
+        graph["nodes"][node]["inputs"]["path"] = f"tiny-{node}"
     graph["outputs"] = {"image": graph["outputs"]["image"]}
     path = tmp_path / "txt2img.json"
     path.write_text(json.dumps(graph))
     out_dir = tmp_path / "cli-out"
     rc = main(["run", str(path), "--out", str(out_dir), "--device", "cpu", "--input-root", str(tmp_path),
-               "--json"])
+               "--models", str(root), "--json"])
     stdout = capsys.readouterr().out
     assert rc == 0, stdout
     report = json.loads(stdout)
@@ -199,6 +206,7 @@ def test_cli_run_writes_a_png_carrying_its_graph(tiny_models, tmp_path, capsys, 
                                                                         graph["nodes"].items()}
     assert embedded["nodes"]["noise"]["inputs"]["seed"] == 11
     # The embedded recipe reproduces the picture.
+    engine = Engine(device="cpu", model_roots=[root], input_root=tmp_path, output_root=tmp_path / "out")
     again = engine.run(embedded, outputs=["image"]).outputs["image"]
     expected = again[0].clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     assert np.array_equal(pixels, expected)
