@@ -31,7 +31,7 @@ from PIL import Image
 from nodegraph import Engine
 from nodes.shapes import data
 from nodes.shapes_nodes import image_to_uint8
-from nodes.training_controlnet import adherence, iou, mask_of
+from nodes.training.controlnet import adherence, iou, mask_of
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = {"unet": ("controlnet.json", "txt2img_unet.json"), "dit": ("controlnet_dit.json", "txt2img.json")}

@@ -1,11 +1,16 @@
-"""Image and mask nodes: resize, crop, masks from an image's colour or alpha.
+"""Image and mask nodes: resize, crop, masks from an image's colour or alpha, and the control-image preprocessors.
 
 Images are float tensors (B, C, H, W) in [0, 1]; masks are (B, 1, H, W) in [0, 1] where 1 marks the region to
 generate (inpainting) or the object (control).
+
+Preprocessors (type ids ``control.*``, category ``control``) make ControlNet control images from pictures:
+``control.edges`` (Sobel magnitude, or Canny edges through ``kornia.filters.canny``) and ``control.object_mask``
+(pixels clearly brighter than a near-black background, or of a colour).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 import torch
@@ -17,12 +22,17 @@ from nodegraph import types as T
 Size = Annotated[int, Field(ge=1, le=16384)]
 
 
+def _pixels(literals: dict) -> dict[str, int]:
+    """``cost`` of a node whose output is ``width`` x ``height`` (batch unknown until it runs)."""
+    return {"pixels": literals["width"] * literals["height"]}
+
+
 def _check_image(image: torch.Tensor, what: str = "image") -> None:
     if image.dim() != 4:
         raise ValueError(f"{what} must be (B, C, H, W); got shape {tuple(image.shape)}")
 
 
-@node("image.resize", category="image", output="image")
+@node("image.resize", category="image", output="image", cost=_pixels)
 def resize(image: T.Image, width: Size, height: Size,
            mode: Literal["nearest", "bilinear", "bicubic", "area"] = "bilinear") -> T.Image:
     """Resize an image to width x height."""
@@ -31,7 +41,7 @@ def resize(image: T.Image, width: Size, height: Size,
     return F.interpolate(image, size=(height, width), mode=mode, **kwargs).clamp(0, 1)
 
 
-@node("image.crop", category="image", output="image")
+@node("image.crop", category="image", output="image", cost=_pixels)
 def crop(image: T.Image, x: Annotated[int, Field(ge=0)], y: Annotated[int, Field(ge=0)], width: Size,
          height: Size) -> T.Image:
     """Crop the rectangle (x, y, width, height), which must lie inside the image."""
@@ -79,3 +89,59 @@ def mask_to_image(mask: T.Mask) -> T.Image:
     """Show a mask as a grey image (for previews and control inputs)."""
     _check_image(mask, "mask")
     return mask[:, :1].expand(-1, 3, -1, -1).clamp(0, 1).contiguous()
+
+
+# -- control-image preprocessors -----------------------------------------------------------------------------
+
+
+@node("control.edges", version="1.1.0", category="control", output="image")
+def edges(image: T.Image, method: Literal["canny", "sobel"] = "canny",
+          low: Annotated[float, Field(ge=0, le=1, description="hysteresis: weak edge threshold")] = 0.1,
+          high: Annotated[float, Field(ge=0, le=1, description="hysteresis: strong edge threshold")] = 0.2,
+          blur: Annotated[float, Field(ge=0, le=8, description="Gaussian sigma before the gradient")] = 0.0) -> T.Image:
+    """Edge map (B, 3, H, W): Sobel gradient magnitude, or binary Canny edges (Canny 1986; kornia's implementation).
+
+    Gradients are Sobel's, scaled so a 0 -> 1 step gives 1; thresholds are on that scale. The Sobel magnitude of a
+    pixel is that of its colour channel with the largest one. Canny runs on the value channel (the max of R, G, B)
+    rather than on luma grey, so a saturated blue edge on black is as strong as a white one (in grey it is 0.11);
+    a boundary between two colours of the same value gives no Canny edge (``sobel`` shows it).
+    """
+    import kornia  # here, not at the top: importing it takes about half a second, which every registry load would pay
+
+    _check_image(image)
+    if low > high:
+        raise ValueError(f"low ({low}) must not exceed high ({high})")
+    rgb = image[:, :3].float() if image.shape[1] >= 3 else image[:, :1].float()
+    kernel = 2 * math.ceil(3 * blur) + 1 if blur > 0 else 1  # kornia skips the blur for a 1-pixel kernel
+    sigma = (blur, blur) if blur > 0 else (1.0, 1.0)
+    if method == "sobel":
+        if blur > 0:
+            rgb = kornia.filters.gaussian_blur2d(rgb, kernel, sigma, border_type="replicate")
+        grad = kornia.filters.spatial_gradient(rgb, normalized=False)  # (B, C, 2, H, W), border replicated
+        out = (grad.pow(2).sum(2).sqrt() / 4.0).amax(dim=1, keepdim=True).clamp(0, 1)
+    else:
+        weak = max(4.0 * low, 1e-6)  # kornia's magnitude is 4 for a unit step; its thresholds are strict, positive
+        _, out = kornia.filters.canny(rgb.amax(dim=1, keepdim=True), weak, max(4.0 * high, weak), kernel, sigma)
+    return out.expand(-1, 3, -1, -1).contiguous()
+
+
+@node("control.object_mask", category="control")
+def object_mask(image: T.Image, method: Literal["brightness", "color"] = "brightness",
+                threshold: Annotated[float, Field(ge=0, le=1, description="brightness: min of the max channel")] = 0.3,
+                color: Annotated[list[float], Field(min_length=3, max_length=3)] = [1.0, 0.0, 0.0],
+                tolerance: Annotated[float, Field(ge=0, le=1, description="color: max per-channel distance")] = 0.15,
+                ) -> {"image": T.Image, "mask": T.Mask}:
+    """Object mask: pixels clearly brighter than a near-black background, or within ``tolerance`` of ``color``.
+
+    ``image`` is the mask as a grey (B, 3, H, W) control image, ``mask`` the same as (B, 1, H, W).
+    """
+    if image.dim() != 4 or image.shape[1] not in (1, 3, 4):
+        raise ValueError(f"image must be (B, C, H, W) with C in 1, 3, 4; got shape {tuple(image.shape)}")
+    rgb = image[:, :3].float() if image.shape[1] >= 3 else image.float().expand(-1, 3, -1, -1)
+    if method == "brightness":
+        mask = rgb.amax(dim=1, keepdim=True) > threshold
+    else:
+        ref = torch.tensor(color, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+        mask = (rgb - ref).abs().amax(dim=1, keepdim=True) <= tolerance
+    mask = mask.float()
+    return {"image": mask.expand(-1, 3, -1, -1).contiguous(), "mask": mask}

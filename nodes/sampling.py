@@ -21,6 +21,7 @@ from nodegraph.types import Var
 from . import adapters
 from .diffusion import schedules, steps
 from .diffusion.math import append_zero
+from .diffusion.parameterization import noised
 
 S, C, D = Var("space"), Var("channels"), Var("dim")
 _M = T.Denoiser(space=S, channels=C, context_dim=D)
@@ -186,10 +187,7 @@ def add_noise(model: T.Denoiser(space=S), latent: T.Latent(space=S), noise: T.No
     """Noise a latent to the first sigma of a schedule (txt2img from a zero latent, img2img from an encoded one)."""
     if noise.shape != latent.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} differs from latent shape {tuple(latent.shape)}")
-    sigma = sigmas[0].to(latent.device, latent.dtype)
-    if adapters.base_of(model).kind == "flow":
-        return (1 - sigma) * latent + sigma * noise.to(latent)
-    return latent + sigma * noise.to(latent)
+    return noised(adapters.base_of(model).kind, latent, noise.to(latent), sigmas[0].to(latent.device, latent.dtype))
 
 
 @node("latent.inpaint_blend", category="latent", output="x")
@@ -199,11 +197,7 @@ def inpaint_blend(model: T.Denoiser(space=S), x: T.Latent(space=S), original: T.
     if mask.shape[-2:] != x.shape[-2:]:
         mask = torch.nn.functional.interpolate(mask.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
     mask = mask.to(x.device, x.dtype)
-    s = torch.as_tensor(sigma_next, dtype=x.dtype, device=x.device)
-    if adapters.base_of(model).kind == "flow":
-        known = (1 - s) * original + s * noise.to(x)
-    else:
-        known = original + s * noise.to(x)
+    known = noised(adapters.base_of(model).kind, original, noise.to(x), sigma_next)
     return mask * x + (1 - mask) * known
 
 

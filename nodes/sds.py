@@ -36,8 +36,10 @@ Optimisation as graph nodes
 ---------------------------
 ``optim.watch`` makes the (carried) parameters a fresh autograd leaf, the renderer and ``sds.loss`` build the
 graph from it, ``optim.grad`` takes ``d loss / d params`` and ``optim.adam`` (Kingma & Ba 2015, bit-for-bit the
-update of ``torch.optim.Adam``) returns new parameters and state. Parameters, gradients and state are plain
-tensors or dicts / lists of tensors, so a ``loop`` carries them. The watch and grad nodes declare
+update of ``torch.optim.Adam``) returns new parameters and state. The update is written here because
+``torch.optim.Adam`` keeps its state inside the optimizer object and updates in place, where a loop carries state
+as data; torch's functional form (``torch.optim._functional``) is private. Parameters, gradients and state are
+plain tensors or dicts / lists of tensors, so a ``loop`` carries them. The watch and grad nodes declare
 ``grad=True``, so a loop containing them runs its body with autograd; both refuse to run without it, which
 turns the classic silent failure (gradients quietly missing under ``inference_mode``) into an error.
 """
@@ -58,9 +60,10 @@ from nodegraph import types as T
 from nodegraph.types import Var
 
 from . import adapters
-from .diffusion.math import expand_sigma
+from .diffusion.math import expand_sigma, vp_scale
+from .diffusion.parameterization import noised
 from .diffusion.schedules import timestep_to_sigma
-from .three_d import generator
+from .geometry.cameras import generator
 
 S, C, D = Var("space"), Var("channels"), Var("dim")
 Weighting = Literal["dreamfusion", "uniform", "x0"]
@@ -86,12 +89,8 @@ def coefficients(kind: str, sigma: Tensor) -> tuple[Tensor, Tensor]:
     """``(alpha, s)`` with ``x_t = alpha * x + s * eps`` up to the sampler's scaling (see the module doc)."""
     if kind == "flow":
         return 1 - sigma, sigma
-    return (1 + sigma**2) ** -0.5, sigma * (1 + sigma**2) ** -0.5
-
-
-def add_noise(kind: str, x: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
-    s = expand_sigma(sigma, x)
-    return (1 - s) * x + s * noise if kind == "flow" else x + s * noise
+    alpha = vp_scale(sigma)
+    return alpha, sigma * alpha
 
 
 def residual_weight(kind: str, sigma: Tensor, weighting: Weighting) -> Tensor:
@@ -104,7 +103,7 @@ def predict_x0(model: Callable[..., Tensor], x: Tensor, cond: Any, sigma: Tensor
     """The denoiser's x0 prediction for ``x`` noised to ``sigma`` with ``noise`` (no gradients)."""
     with torch.no_grad():
         x = x.detach()
-        return model(add_noise(adapters.base_of(model).kind, x, noise, sigma), sigma.to(x), cond)
+        return model(noised(adapters.base_of(model).kind, x, noise, sigma), sigma.to(x), cond)
 
 
 def sds_gradient(model: Callable[..., Tensor], x: Tensor, cond: Any, sigma: Tensor, noise: Tensor,

@@ -26,7 +26,12 @@ def image_to_uint8(image: torch.Tensor) -> np.ndarray:
     return arr.permute(0, 2, 3, 1).cpu().numpy()
 
 
-@node("shapes.generate", category="data")
+def _batch_cost(literals: dict) -> dict[str, int]:
+    side = data.CANVAS
+    return {"pixels": side * side, "elements": literals["count"] * 3 * side * side}
+
+
+@node("shapes.generate", category="data", cost=_batch_cost)
 def generate(seed: Annotated[int, Field(ge=0)] = 0,
              count: Annotated[int, Field(ge=1, le=4096)] = 8) -> {"images": T.Image, "captions": T.List}:
     """A deterministic batch of 64x64 shape images with their captions (item i depends only on seed and i)."""

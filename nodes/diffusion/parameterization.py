@@ -1,4 +1,5 @@
-"""Model parameterisations: the one place that turns raw network outputs into x0 predictions.
+"""Model parameterisations: the one place for the forward process, the network's input scaling, and the map
+from raw network outputs to x0 predictions (and back, and the training target).
 
 Samplers only ever see ``denoiser(x, sigma, cond) -> x0``. Kinds and their spaces:
 
@@ -7,6 +8,11 @@ Samplers only ever see ``denoiser(x, sigma, cond) -> x0``. Kinds and their space
   training timestep found from sigma (``sigma_to_timestep``).
 * ``flow``: rectified flow; ``x = (1 - t) * x0 + t * noise`` with ``sigma = t``, ``c_in = 1``, the
   network predicts the velocity ``noise - x0`` and receives ``t * num_train_timesteps``.
+
+The forward process (``noised``) is what noising means everywhere: txt2img/img2img starts, inpainting's known
+region, SDS and training. ``training_target`` is what a network of each kind is trained to output there, so
+``to_denoised(kind, training_target(...), noised(...), sigma)`` is the clean sample. ``network_input`` is the one
+map from a sampler-space sample to what the network sees (``x * c_in``, the timestep).
 
 Classifier-free guidance is arithmetic on two outputs (``cfg_combine``), applied by whatever wraps
 the denoiser; it is not a sampler option.
@@ -20,7 +26,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor
 
-from .math import Sigma, expand_sigma
+from .math import Sigma, expand_sigma, vp_scale
 from .schedules import Interpolation, sigma_to_timestep
 
 Kind = Literal["eps", "v", "x0", "flow"]
@@ -37,7 +43,7 @@ def c_in(kind: Kind, sigma: Sigma) -> Tensor:
     """Input scaling: the network sees ``x * c_in(sigma)``."""
     _check(kind)
     sigma = torch.as_tensor(sigma)
-    return torch.ones_like(sigma) if kind == "flow" else (sigma**2 + 1) ** -0.5
+    return torch.ones_like(sigma) if kind == "flow" else vp_scale(sigma)
 
 
 def model_timestep(
@@ -52,6 +58,36 @@ def model_timestep(
     if train_sigmas is None:
         raise ValueError(f"a {kind!r} model needs train_sigmas to map sigma to its timestep")
     return sigma_to_timestep(sigma, train_sigmas, interpolation)
+
+
+def network_input(
+    kind: Kind, x: Tensor, sigma: Sigma, train_sigmas: Tensor | None = None, interpolation: Interpolation = "log",
+    num_train_timesteps: int = 1000,
+) -> tuple[Tensor, Tensor]:
+    """``(x * c_in(sigma), timestep (N,))``: what a network of ``kind`` receives for the sampler-space ``x``."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    t = model_timestep(kind, sigma, train_sigmas, interpolation, num_train_timesteps)
+    return x * expand_sigma(c_in(kind, sigma), x), (t.expand(x.shape[:1]) if t.ndim == 0 else t)
+
+
+def noised(kind: Kind, x0: Tensor, noise: Tensor, sigma: Sigma) -> Tensor:
+    """The forward process in sampler space: ``(1 - t) x0 + t noise`` for flow, ``x0 + sigma noise`` otherwise."""
+    _check(kind)
+    s = expand_sigma(sigma, x0)
+    return (1 - s) * x0 + s * noise if kind == "flow" else x0 + s * noise
+
+
+def training_target(kind: Kind, x0: Tensor, noise: Tensor, sigma: Sigma) -> Tensor:
+    """What a network of ``kind`` is trained to output at ``noised(kind, x0, noise, sigma)``."""
+    _check(kind)
+    if kind == "flow":
+        return noise - x0
+    if kind == "eps":
+        return noise
+    if kind == "v":  # sqrt(alpha_bar) * eps - sqrt(1 - alpha_bar) * x0
+        s = expand_sigma(sigma, x0)
+        return (noise - s * x0) / (1 + s**2) ** 0.5
+    return x0
 
 
 def to_denoised(kind: Kind, model_output: Tensor, x: Tensor, sigma: Sigma) -> Tensor:
@@ -92,11 +128,8 @@ class Denoiser:
     num_train_timesteps: int = 1000
 
     def __call__(self, x: Tensor, sigma: Sigma, cond: Any = None) -> Tensor:
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-        t = model_timestep(self.kind, sigma, self.train_sigmas, self.interpolation, self.num_train_timesteps)
-        x_in = x * expand_sigma(c_in(self.kind, sigma), x)
-        out = self.model(x_in, t.expand(x.shape[:1]) if t.ndim == 0 else t, cond)
-        return to_denoised(self.kind, out, x, sigma)
+        x_in, t = network_input(self.kind, x, sigma, self.train_sigmas, self.interpolation, self.num_train_timesteps)
+        return to_denoised(self.kind, self.model(x_in, t, cond), x, sigma)
 
 
 def cfg_combine(cond_out: Tensor, uncond_out: Tensor, scale: float, rescale: float = 0.0) -> Tensor:

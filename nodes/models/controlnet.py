@@ -19,7 +19,7 @@ Every output layer starts at zero, so a fresh ControlNet returns exact zero resi
 output bit-identical; training moves the zero layers away from zero ("zero convolutions").
 
 Both take ``forward(x_in, t, context, context_mask, ..., hint=image)``: the same network input and timestep
-the base network receives (:class:`nodes.control.Controlled` derives them through the base denoiser's
+the base network receives (:class:`nodes.adapters.Controlled` derives them through the base denoiser's
 parameterisation) and the control image (N, hint_channels, H * f, W * f) in [0, 1], ``f = config.hint_factor``
 (the VAE's downsampling factor; 1 for a pixel-space model). ``embed_hint(image)`` may be run once and passed as
 ``hint_embedding`` instead (sampling: the image is the same at every step).
@@ -159,6 +159,8 @@ def check_hint_size(hint: Tensor, x: Tensor, factor: int) -> None:
 class ControlNetUNet(nn.Module):
     """Latent + timestep + text + control image -> ``{"down": [one residual per skip], "mid": residual}``."""
 
+    takes_pooled = False  # whether forward takes ``pooled=`` (the pooled text vector); see nodes.adapters
+
     def __init__(self, config: ControlNetUNetConfig) -> None:
         super().__init__()
         self.config = config
@@ -202,6 +204,8 @@ class ControlNetDiT(nn.Module):
 
     Patchify and the AdaLN conditioning are the DiT's own methods, shared rather than copied.
     """
+
+    takes_pooled = True  # whether forward takes ``pooled=`` (the pooled text vector); see nodes.adapters
 
     patchify = DiT.patchify
     grid = DiT.grid

@@ -30,7 +30,7 @@ starts as the plain MLP.
 beside the text encoder's per-byte tokens (``text_tokens=False``: instead of them). AdaLN spreads the pooled
 vector over every image token alike, so it cannot say which object a token belongs to; byte tokens split
 "red" and "circle" over many tokens, so a token of a red object must find the shape word that goes with its
-colour. A text encoder trained to parse captions from its pooled vector (``nodes.training.pretrain_text``) puts
+colour. A text encoder trained to parse captions from its pooled vector (``nodes.training.text.pretrain_text``) puts
 whole objects there, colour and shape together, and cross-attention to tokens made from it binds them per
 image region: on the shapes data this raised the DiT's two-object accuracy in pilots (docs/models.md). The
 mechanism is unCLIP's decoder (Ramesh et al. 2022, "Hierarchical Text-Conditional Image Generation with CLIP
@@ -224,6 +224,8 @@ def add_stem(module: nn.Module, config: DiTConfig, depth: int) -> None:
 
 class DiT(nn.Module):
     """Latent (N, C, H, W) + timestep + text -> prediction (N, C_out, H, W)."""
+
+    takes_pooled = True  # whether forward takes ``pooled=`` (the pooled text vector); see nodes.adapters
 
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()

@@ -219,6 +219,8 @@ class UNetEncoder(nn.Module):
 class UNet(nn.Module):
     """Latent (N, C, H, W) + timestep + text tokens (+ ControlNet residuals) -> prediction (N, C_out, H, W)."""
 
+    takes_pooled = False  # whether forward takes ``pooled=`` (the pooled text vector); see nodes.adapters
+
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
         self.config = config

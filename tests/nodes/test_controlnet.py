@@ -15,8 +15,11 @@ import torch.nn.functional as F
 import nodes.control
 from nodegraph import Engine
 from nodegraph.engine import default_registry
-from nodes.adapters import DenoiserInfo, DenoiserModel, Guided
-from nodes.control import ControlImageResized, Controlled, add_control, check_pair, edges, object_mask, sigma_window
+from nodegraph.roots import ModelRoots
+from nodes.adapters import (
+    ControlImageResized, Controlled, DenoiserInfo, DenoiserModel, Guided, add_control, check_pair, sigma_window,
+)
+from nodes.image_ops import edges, object_mask
 from nodes.diffusion import schedules
 from nodes.diffusion.math import append_zero
 from nodes.models.config import load_folder, save_folder
@@ -350,6 +353,35 @@ def test_canny_edges_lie_on_object_boundaries(seed, blur) -> None:
     assert on.sum() <= 0.6 * band.sum(), "non-maximum suppression should thin the two-sided band"
 
 
+def dilate(mask: np.ndarray) -> np.ndarray:
+    return F.max_pool2d(torch.from_numpy(mask).float()[None, None], 3, 1, 1)[0, 0].numpy() > 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_canny_is_kornias_on_the_value_channel_and_agrees_with_scikit_image(seed) -> None:
+    kornia = pytest.importorskip("kornia")
+    image, _, _ = shapes_case(seed)
+    value = image.amax(dim=1, keepdim=True)
+    for blur, kernel in ((0.0, 1), (1.0, 7)):  # our scale is kornia's / 4; blur sigma -> a 2 ceil(3 sigma) + 1 kernel
+        ours = edges(image, low=0.1, high=0.2, blur=blur)
+        _, ref = kornia.filters.canny(value, 0.4, 0.8, kernel, (blur or 1.0, blur or 1.0))
+        assert torch.equal(ours[:, :1], ref) and torch.equal(ours[:, 1], ours[:, 2])
+    skimage = pytest.importorskip("skimage")  # an independent implementation: the same edges, within a pixel
+    ours = edges(image, blur=1.0)[0, 0].numpy() > 0.5
+    theirs = skimage.feature.canny(value[0, 0].double().numpy(), sigma=1.0, low_threshold=0.4, high_threshold=0.8,
+                                   mode="nearest")
+    assert ours.sum() > 20 and theirs.sum() > 20
+    assert (ours & ~dilate(theirs)).sum() == 0 and (theirs & ~dilate(ours)).sum() == 0
+
+
+def test_canny_finds_a_blue_edge_that_grey_conversion_loses() -> None:
+    kornia = pytest.importorskip("kornia")
+    image = torch.zeros(1, 3, 32, 32)
+    image[:, 2, 8:24, 8:24] = 1.0  # a pure blue square on black: 0.11 in luma grey
+    assert edges(image)[0, 0].sum() >= 4 * 14
+    assert kornia.filters.canny(image, 0.4, 0.8, 1)[1].sum() == 0  # kornia's own RGB path (luma grey)
+
+
 def test_sobel_magnitude_is_strong_on_boundaries_and_weak_elsewhere() -> None:
     image, truth, _ = shapes_case(0)
     t = torch.from_numpy(truth).float()[None, None]
@@ -370,6 +402,9 @@ def registry():
     if "control.apply" not in reg:
         reg.add_module(nodes.control, "builtin-control")
     return reg
+
+
+PATHS_ALLOWED = ModelRoots(allow_paths=True)  # the tiny models live in tmp folders, named by absolute path
 
 
 @pytest.fixture(scope="module")
@@ -408,7 +443,7 @@ def controlled_graph(models, folder: str, arch: str = "unet", mode: str = "batch
 @pytest.mark.parametrize("arch, sampler", [("unet", "euler"), ("unet", "heun"), ("dit", "flow_euler")])
 def test_txt2img_with_controlnet_in_the_engine_and_cfg_modes_agree(tmp_path, registry, tiny_models,
                                                                    controlnet_folders, arch, sampler) -> None:
-    engine = Engine(registry, device="cpu", input_root=tmp_path, output_root=tmp_path)
+    engine = Engine(registry, device="cpu", input_root=tmp_path, output_root=tmp_path, model_roots=PATHS_ALLOWED)
     folder = controlnet_folders[arch]
 
     def run(mode: str, control: bool = True, outputs: tuple[str, ...] = ("latent",)) -> dict[str, Any]:
@@ -422,7 +457,7 @@ def test_txt2img_with_controlnet_in_the_engine_and_cfg_modes_agree(tmp_path, reg
 
 
 def test_controlnet_space_is_checked_at_validation(tmp_path, registry, tiny_models, controlnet_folders) -> None:
-    engine = Engine(registry, device="cpu", input_root=tmp_path, output_root=tmp_path)
+    engine = Engine(registry, device="cpu", input_root=tmp_path, output_root=tmp_path, model_roots=PATHS_ALLOWED)
     assert engine.validate(controlled_graph(tiny_models, controlnet_folders["unet"])).ok
     result = engine.validate(controlled_graph(tiny_models, controlnet_folders["other"]))
     assert not result.ok

@@ -16,8 +16,10 @@ from nodegraph import Engine, define
 from nodegraph import types as T
 from nodegraph.errors import NodeExecutionError
 from nodegraph.outputs import write_outputs
+from nodegraph.roots import ModelRoots
 from nodes import sds
 from nodes import three_d as td
+from nodes.geometry import volume
 from nodes.adapters import DenoiserInfo, schedule_of
 from nodes.diffusion.parameterization import Denoiser, c_in
 from nodes.shapes import data, evaluate
@@ -29,7 +31,8 @@ GRAPH = Path(__file__).resolve().parents[2] / "graphs" / "text_to_3d.json"
 @pytest.fixture
 def engine3d(tmp_path: Path) -> Engine:
     (tmp_path / "out").mkdir()
-    return Engine(registry_3d(), device="cpu", input_root=tmp_path, output_root=tmp_path / "out")
+    return Engine(registry_3d(), device="cpu", input_root=tmp_path, output_root=tmp_path / "out",
+                  model_roots=ModelRoots(allow_paths=True))  # tiny_models are named by absolute path
 
 
 # --- Adam -------------------------------------------------------------------------------------------------
@@ -116,7 +119,7 @@ def test_noise_levels_span_the_schedule_fractions() -> None:
 
 
 def test_nodes_refuse_to_run_without_autograd() -> None:
-    field = td.blob_field(4, 5.0, 0.3, [0.5] * 3)
+    field = volume.blob_field(4, 5.0, 0.3, [0.5] * 3)
     with torch.inference_mode():
         with pytest.raises(RuntimeError, match="without autograd"):
             sds.watch(field)
@@ -189,11 +192,9 @@ def sds_graph(models: Any, *, arch: str = "unet", count: int = 2, watch: bool = 
 
 @pytest.mark.parametrize("arch, target", [("unet", "latent"), ("dit", "latent"), ("unet", "image")])
 def test_sds_gradient_reaches_the_field_through_the_engine_loop(engine3d, tiny_models, arch, target) -> None:
-    """Latent SDS differentiates through the VAE encoder (loaded under inference_mode); the image target through
-    the renderer only. Pixel-space SDS is the exact-denoiser test below."""
+    """Latent SDS differentiates through the VAE encoder; the image target through the renderer only. Pixel-space
+    SDS is the exact-denoiser test below; a VAE made under inference_mode, the test after this one."""
     out = engine3d.run(sds_graph(tiny_models, arch=arch, target=target)).outputs
-    # The loaders build weights under inference_mode: the hazard this path must survive, not avoid.
-    assert all(p.is_inference() for p in out["vae"].parameters())
     grads = out["grads"]
     assert grads.shape == (2, 4, 8, 8, 8) and torch.isfinite(grads).all()
     for step in grads:
@@ -201,6 +202,19 @@ def test_sds_gradient_reaches_the_field_through_the_engine_loop(engine3d, tiny_m
         assert step[1:].abs().sum() > 0, "no gradient reached the colour"
     assert not torch.equal(out["field"], out["start"]) and torch.isfinite(out["field"]).all()
     assert out["state"]["step"] == 2 and out["sigma"].shape == (2,) and (out["sigma"] > 0).all()
+
+
+def test_latent_sds_differentiates_through_a_vae_made_under_inference_mode() -> None:
+    """Weights made under inference_mode cannot enter autograd: ``encode`` uses a frozen ordinary copy."""
+    from nodes.models.vae import AutoencoderKL, VAEConfig
+
+    with torch.inference_mode():
+        vae = AutoencoderKL(VAEConfig.from_name("tiny-test")).eval()
+    assert all(p.is_inference() for p in vae.parameters())
+    pixels = torch.rand(1, 3, 16, 16).requires_grad_(True)
+    sds.encode(vae, pixels * 2 - 1).sum().backward()
+    assert pixels.grad is not None and torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
+    assert sds.autograd_ready(vae) is sds.autograd_ready(vae)  # one copy, kept while the original lives
 
 
 def test_loss_not_built_from_watched_params_is_a_clear_error(engine3d, tiny_models) -> None:

@@ -18,6 +18,9 @@ from nodegraph.engine import default_registry
 from nodegraph.errors import NodeExecutionError
 from nodegraph.registry import Registry
 from nodes import three_d as td
+from nodes.geometry import cameras
+from nodes.geometry import mesh as geomesh
+from nodes.geometry import volume
 
 
 def registry_3d() -> Registry:
@@ -49,7 +52,7 @@ def filled(value: float, color: tuple[float, float, float] = (0.2, 0.6, 0.9), re
 
 
 def front_camera(distance: float = 3.0, fov: float = 40.0) -> dict[str, torch.Tensor]:
-    return td.look_at(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([distance]), torch.tensor(fov))
+    return cameras.look_at(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([distance]), torch.tensor(fov))
 
 
 # --- cameras ----------------------------------------------------------------------------------------------
@@ -84,7 +87,7 @@ def test_cameras_look_at_the_origin_with_an_upright_orthonormal_frame() -> None:
 
 
 def test_empty_field_renders_the_background() -> None:
-    image, opacity = td.render(filled(-30.0), front_camera(), 12, 10, samples=16, background=[0.1, 0.4, 0.7])
+    image, opacity = volume.render(filled(-30.0), front_camera(), 12, 10, samples=16, background=[0.1, 0.4, 0.7])
     assert image.shape == (1, 3, 10, 12) and opacity.shape == (1, 1, 10, 12)
     assert torch.allclose(image, torch.tensor([0.1, 0.4, 0.7]).view(1, 3, 1, 1).expand_as(image), atol=1e-6)
     assert opacity.max() < 1e-6
@@ -92,7 +95,7 @@ def test_empty_field_renders_the_background() -> None:
 
 def test_opaque_field_renders_its_colour_where_rays_hit_the_cube() -> None:
     color = (0.2, 0.6, 0.9)
-    image, opacity = td.render(filled(60.0, color), front_camera(distance=8.0), 16, 16, samples=32,
+    image, opacity = volume.render(filled(60.0, color), front_camera(distance=8.0), 16, 16, samples=32,
                                background=[1.0, 0.0, 0.0])
     centre, corner = image[0, :, 8, 8], image[0, :, 0, 0]
     assert torch.allclose(centre, torch.tensor(color), atol=1e-4) and opacity[0, 0, 8, 8] > 0.9999
@@ -103,15 +106,15 @@ def test_opaque_field_renders_its_colour_where_rays_hit_the_cube() -> None:
 
 
 def test_render_gradients_reach_density_and_colour() -> None:
-    field = td.blob_field(8, 5.0, 0.4, [0.5, 0.5, 0.5]).requires_grad_(True)
-    image, _ = td.render(field, td.camera_sample(seed=2, batch=2), 8, 8, samples=12, jitter=td.generator(0, 0))
+    field = volume.blob_field(8, 5.0, 0.4, [0.5, 0.5, 0.5]).requires_grad_(True)
+    image, _ = volume.render(field, td.camera_sample(seed=2, batch=2), 8, 8, samples=12, jitter=cameras.generator(0, 0))
     (image[:, 0].mean() - 0.5 * image[:, 2].mean()).backward()
     assert torch.isfinite(field.grad).all()
     assert field.grad[0].abs().sum() > 0 and field.grad[1].abs().sum() > 0 and field.grad[3].abs().sum() > 0
 
 
 def test_stratified_samples_are_seeded_and_average_to_the_midpoint_render() -> None:
-    field, cam = td.blob_field(8, 5.0, 0.4, [0.3, 0.5, 0.7]), front_camera()
+    field, cam = volume.blob_field(8, 5.0, 0.4, [0.3, 0.5, 0.7]), front_camera()
     a = td.render_volume(field, cam, 8, 8, samples=8, seed=1, index=3)["image"]
     b = td.render_volume(field, cam, 8, 8, samples=8, seed=1, index=3)["image"]
     c = td.render_volume(field, cam, 8, 8, samples=8, seed=1, index=4)["image"]
@@ -121,7 +124,7 @@ def test_stratified_samples_are_seeded_and_average_to_the_midpoint_render() -> N
 
 
 def test_preview_tiles_views_into_one_image() -> None:
-    field = td.blob_field(8, 10.0, 0.3, [0.9, 0.1, 0.1])
+    field = volume.blob_field(8, 10.0, 0.3, [0.9, 0.1, 0.1])
     grid = td.render_preview(field, views=8, size=8, samples=8, columns=4)
     assert grid.shape == (1, 3, 16, 32)
     assert td.render_preview(field, views=5, size=8, samples=8).shape == (1, 3, 16, 24)  # 3 x 2, one cell empty
@@ -142,11 +145,29 @@ def assert_closed_and_outward(vertices: np.ndarray, faces: np.ndarray) -> float:
     return float(np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6)
 
 
-def test_marching_cubes_on_a_sphere_is_closed_with_the_right_radius() -> None:
+@pytest.fixture
+def skimage():
+    return pytest.importorskip("skimage", reason="marching cubes is the mesh extra's scikit-image")
+
+
+def test_marching_cubes_is_scikit_images_with_outward_faces(skimage) -> None:
+    """The library's Lewiner marching cubes, with each face's winding reversed ("ascent"): counter-clockwise from
+    outside for our inside-above-the-level convention, where the library's default assumes the opposite."""
+    volume = np.pad(np.random.default_rng(1).normal(size=(9, 9, 9)), 1, constant_values=-1.0)
+    verts, faces = geomesh.marching_cubes(volume, 0.0)
+    ref_verts, ref_faces, _, _ = skimage.measure.marching_cubes(volume, 0.0)
+    np.testing.assert_allclose(verts, ref_verts)
+    assert np.array_equal(faces, ref_faces[:, ::-1])
+    assert assert_closed_and_outward(verts, faces) > 0
+    empty = geomesh.marching_cubes(np.zeros((4, 4, 4)), 0.5)
+    assert empty[0].shape == (0, 3) and empty[1].shape == (0, 3)
+
+
+def test_marching_cubes_on_a_sphere_is_closed_with_the_right_radius(skimage) -> None:
     n, radius = 33, 0.6
     axis = np.linspace(-1, 1, n)
     x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
-    verts, faces = td.marching_cubes(radius - np.sqrt(x**2 + y**2 + z**2), 0.0)
+    verts, faces = geomesh.marching_cubes(radius - np.sqrt(x**2 + y**2 + z**2), 0.0)
     world = verts / (n - 1) * 2 - 1
     r = np.linalg.norm(world, axis=1)
     assert len(faces) > 1000 and abs(r.mean() - radius) < 0.01 and r.std() < 0.01
@@ -154,15 +175,15 @@ def test_marching_cubes_on_a_sphere_is_closed_with_the_right_radius() -> None:
     assert volume == pytest.approx(4 / 3 * math.pi * radius**3, rel=0.02)  # positive: normals point out
 
 
-def test_marching_cubes_stays_closed_on_ambiguous_random_volumes() -> None:
+def test_marching_cubes_stays_closed_on_ambiguous_random_volumes(skimage) -> None:
     rng = np.random.default_rng(0)
     volume = np.pad(rng.normal(size=(10, 10, 10)), 1, constant_values=-1.0)
-    verts, faces = td.marching_cubes(volume, 0.0)
+    verts, faces = geomesh.marching_cubes(volume, 0.0)
     assert len(faces) > 100 and assert_closed_and_outward(verts, faces) > 0
 
 
-def test_extract_mesh_colours_vertices_from_the_field_and_closes_at_the_border() -> None:
-    mesh = td.mesh_marching_cubes(td.blob_field(12, 10.0, 0.3, [0.9, 0.1, 0.2]), threshold=2.0)
+def test_extract_mesh_colours_vertices_from_the_field_and_closes_at_the_border(skimage) -> None:
+    mesh = td.mesh_marching_cubes(volume.blob_field(12, 10.0, 0.3, [0.9, 0.1, 0.2]), threshold=2.0)
     assert mesh["vertices"].abs().max() <= 1 and mesh["faces"].dtype == torch.long
     assert torch.allclose(mesh["colors"], torch.tensor([0.9, 0.1, 0.2]).expand_as(mesh["colors"]), atol=1e-4)
     # radius where 10 exp(-r^2 / 0.18) = 2
@@ -172,24 +193,24 @@ def test_extract_mesh_colours_vertices_from_the_field_and_closes_at_the_border()
     assert assert_closed_and_outward(full["vertices"].numpy(), full["faces"].numpy()) > 7
 
 
-def test_mesh_and_renderer_agree_on_the_axes() -> None:
+def test_mesh_and_renderer_agree_on_the_axes(skimage) -> None:
     axis = torch.linspace(-1, 1, 16)
     z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")  # the field is laid out (z, y, x)
     density = 10 * torch.exp(-((x - 0.5) ** 2 + (y - 0.2) ** 2 + (z + 0.3) ** 2) / (2 * 0.15**2))
-    field = torch.cat([td.inverse_softplus(density.clamp_min(1e-4))[None], torch.zeros(3, 16, 16, 16)])
-    centre = td.extract_mesh(field, 2.0)["vertices"].mean(0)
+    field = torch.cat([volume.inverse_softplus(density.clamp_min(1e-4))[None], torch.zeros(3, 16, 16, 16)])
+    centre = geomesh.extract_mesh(field, 2.0)["vertices"].mean(0)
     assert torch.allclose(centre, torch.tensor([0.5, 0.2, -0.3]), atol=0.02)
-    _, opacity = td.render(field, front_camera(), 32, 32, samples=32)  # camera on +z, up +y, right +x
+    _, opacity = volume.render(field, front_camera(), 32, 32, samples=32)  # camera on +z, up +y, right +x
     rows, cols = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
     weight = opacity[0, 0] / opacity.sum()
     assert (weight * cols).sum() > 20 and (weight * rows).sum() < 14  # right of and above the image centre
 
 
-def test_empty_field_is_an_empty_mesh_error() -> None:
-    with pytest.raises(td.EmptyMeshError, match="empty mesh"):
+def test_empty_field_is_an_empty_mesh_error(skimage) -> None:
+    with pytest.raises(geomesh.EmptyMeshError, match="empty mesh"):
         td.mesh_marching_cubes(filled(-30.0), threshold=1.0)
-    with pytest.raises(td.EmptyMeshError, match="density ranges"):
-        td.mesh_marching_cubes(td.blob_field(8, 1.0, 0.3, [0.5] * 3), threshold=2.0)
+    with pytest.raises(geomesh.EmptyMeshError, match="density ranges"):
+        td.mesh_marching_cubes(volume.blob_field(8, 1.0, 0.3, [0.5] * 3), threshold=2.0)
 
 
 def mesh_graph(path: str, density: float = 10.0, threshold: float = 2.0) -> dict[str, Any]:
@@ -202,7 +223,7 @@ def mesh_graph(path: str, density: float = 10.0, threshold: float = 2.0) -> dict
 
 
 @pytest.mark.parametrize("suffix", ["ply", "obj"])
-def test_mesh_files_round_trip_through_open3d(engine3d: Engine, tmp_path: Path, suffix: str) -> None:
+def test_mesh_files_round_trip_through_open3d(engine3d: Engine, tmp_path: Path, suffix: str, skimage) -> None:
     o3d = pytest.importorskip("open3d")
     out = engine3d.run(mesh_graph(f"meshes/blob.{suffix}")).outputs
     path = Path(out["file"])
@@ -217,15 +238,17 @@ def test_mesh_files_round_trip_through_open3d(engine3d: Engine, tmp_path: Path, 
     assert back.is_watertight()
 
 
-def test_missing_open3d_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+def test_missing_open3d_is_a_clear_error(tmp_path: Path, monkeypatch, skimage) -> None:
     monkeypatch.setitem(__import__("sys").modules, "open3d", None)  # makes `import open3d` raise ImportError
-    mesh = td.mesh_marching_cubes(td.blob_field(8, 10.0, 0.3, [0.5] * 3))
+    mesh = td.mesh_marching_cubes(volume.blob_field(8, 10.0, 0.3, [0.5] * 3))
     with pytest.raises(RuntimeError, match=r"needs open3d: pip install 'nodegraph\[mesh\]'"):
-        td.write_mesh(mesh, tmp_path / "m.ply")
+        geomesh.write_mesh(mesh, tmp_path / "m.ply")
     assert not (tmp_path / "m.ply").exists()
 
 
-def test_mesh_path_outside_the_output_root_is_refused_and_nothing_written(engine3d: Engine, tmp_path: Path) -> None:
+def test_mesh_path_outside_the_output_root_is_refused_and_nothing_written(engine3d: Engine, tmp_path: Path,
+                                                                           skimage) -> None:
+    pytest.importorskip("open3d")  # mesh.save requires it: without it the graph is refused before running
     before = sorted(p for p in tmp_path.rglob("*"))
     for bad in ("../escape.ply", str(tmp_path / "escape.obj"), "/tmp/escape-nodegraph.ply"):
         with pytest.raises(NodeExecutionError) as info:
@@ -237,8 +260,9 @@ def test_mesh_path_outside_the_output_root_is_refused_and_nothing_written(engine
         engine3d.run(mesh_graph("mesh.stl"))
 
 
-def test_empty_field_through_the_engine_is_a_clear_error(engine3d: Engine, tmp_path: Path) -> None:
+def test_empty_field_through_the_engine_is_a_clear_error(engine3d: Engine, tmp_path: Path, skimage) -> None:
+    pytest.importorskip("open3d")
     with pytest.raises(NodeExecutionError, match="empty mesh") as info:
         engine3d.run(mesh_graph("empty.ply", density=0.5))
-    assert info.value.node == "mesh" and isinstance(info.value.error, td.EmptyMeshError)
+    assert info.value.node == "mesh" and isinstance(info.value.error, geomesh.EmptyMeshError)
     assert not (tmp_path / "out" / "empty.ply").exists()

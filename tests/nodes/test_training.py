@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nodegraph import Engine
-from nodes.adapters import DenoiserInfo, DenoiserModel
-from nodes.control import check_pair
-from nodes.diffusion.parameterization import to_denoised
+from nodes.adapters import DenoiserInfo, DenoiserModel, check_pair
+from nodes.diffusion.parameterization import c_in, model_timestep, noised, to_denoised, training_target
 from nodes.models.config import load_folder, save_folder
 from nodes.models.dit import DiT, DiTConfig
 from nodes.models.text import TextConfig, TextEncoder
@@ -24,11 +24,12 @@ from nodes.models.unet import UNet, UNetConfig
 from nodes.models.vae import AutoencoderKL, VAEConfig
 from nodes.shapes import data, evaluate
 from nodes.shapes_nodes import image_to_uint8
-from nodes.training import (
-    EMA, Budget, CaptionTable, _adamw, _set_lr, diffusion_loss, draw_batch, encode_captions, generate,
-    latent_scaling, make_dataset, noised, parse_args, raw_output, retrain_denoiser, sample_sigmas, train_denoiser,
-    train_denoiser_parallel, train_vae, training_target, vae_loss,
+from nodes.training.common import EMA, Budget, CaptionTable, adamw, encode_captions, make_dataset, set_lr
+from nodes.training.denoiser import (
+    diffusion_loss, draw_batch, generate, sample_sigmas, train_denoiser, train_denoiser_parallel,
 )
+from nodes.training.family import parse_args, retrain_denoiser
+from nodes.training.vae import latent_scaling, train_vae, vae_loss
 
 INFOS = {
     "flow": DenoiserInfo("flow", "sd3", "tiny-test"),
@@ -92,23 +93,33 @@ def test_training_target_denoises_to_x0_through_the_adapter(kind: str) -> None:
     model = DenoiserModel(oracle, INFOS[kind])
     cond = {"tokens": torch.zeros(4, 3, 16), "mask": torch.ones(4, 3, dtype=torch.bool)}
     torch.testing.assert_close(model(x, sigma, cond), x0, atol=1e-4, rtol=1e-4)
-    # ... and it saw the same network input and timestep as during training.
-    seen_at_sampling = oracle.seen
-    raw_output(model, x, sigma, cond)
-    for a, b in zip(seen_at_sampling, oracle.seen):
-        torch.testing.assert_close(a, b)
+    # ... from the scaled sample and the training timestep ...
+    train_sigmas = model.train_sigmas if model.train_sigmas.numel() else None
+    seen_x, seen_t = oracle.seen
+    torch.testing.assert_close(seen_x, x * c_in(kind, sigma).view(-1, 1, 1, 1))
+    torch.testing.assert_close(seen_t, model_timestep(kind, sigma, train_sigmas, "log", 1000))
+    # ... and the training loss, through the same network call, is zero for it.
+    assert float(diffusion_loss(model, x0, noise, sigma, cond)) == 0.0
 
 
 @pytest.mark.parametrize("arch,kind", [("dit", "flow"), ("unet", "v"), ("unet", "eps"), ("dit", "x0")])
-def test_raw_output_matches_denoiser_model(arch: str, kind: str) -> None:
+def test_one_network_call_path_for_sampling_and_training(arch: str, kind: str) -> None:
+    """``forward`` is ``to_denoised`` of ``network_output``, which is ``call_network`` of ``network_inputs``; the
+    network gets the pooled vector exactly when it declares ``takes_pooled`` (the DiT)."""
     model = DenoiserModel(randomize(tiny_net(arch)), INFOS[kind])
+    assert model.takes_pooled == (arch == "dit")
     x0, noise, sigma = batch_of(model)
     x = noised(kind, x0, noise, sigma)
     cond = encode_captions(randomize(tiny_text()), CAPTIONS)
+    x_in, t, kwargs = model.network_inputs(x, sigma, cond)
+    assert sorted(kwargs) == sorted(["context", "context_mask"] + (["pooled"] if arch == "dit" else []))
+    assert kwargs["context"] is cond["tokens"] and t.shape == (4,)
     with torch.no_grad():
-        expected = model(x, sigma, cond)
-        got = to_denoised(kind, raw_output(model, x, sigma, cond), x, sigma)
-    torch.testing.assert_close(got, expected)
+        out = model.call_network(x_in, t, kwargs)
+        assert torch.equal(model.network_output(x, sigma, cond), out)
+        assert torch.equal(model(x, sigma, cond), to_denoised(kind, out, x, sigma))
+        loss = diffusion_loss(model, x0, noise, sigma, cond)
+    assert torch.equal(loss, F.mse_loss(out, training_target(kind, x0, noise, sigma)))
 
 
 def test_noise_levels_cover_the_training_range() -> None:
@@ -178,7 +189,7 @@ def test_parallel_training_takes_the_averaged_gradient_step() -> None:
     ref = DenoiserModel(start, INFOS["flow"])
     ref.net.train()
     table = CaptionTable(text, captions)
-    opt = _adamw(list(ref.net.parameters()), options["lr"])
+    opt = adamw(list(ref.net.parameters()), options["lr"])
     gens = [torch.Generator().manual_seed(5 + 7919 * rank) for rank in (0, 1)]
     ref_ema = EMA(ref.net, options["ema_decay"])
     for step in range(3):
@@ -191,7 +202,7 @@ def test_parallel_training_takes_the_averaged_gradient_step() -> None:
         for p, a, b in zip(ref.net.parameters(), *grads):
             p.grad = (a + b) / 2
         nn.utils.clip_grad_norm_(list(ref.net.parameters()), 1.0)
-        _set_lr(opt, step, 1)
+        set_lr(opt, step, 1)
         opt.step()
         ref_ema.update(ref.net)
     for got, want in zip(model.net.state_dict().values(), ref.net.state_dict().values()):
@@ -223,10 +234,10 @@ def test_ema_warms_up_then_tracks() -> None:
 
 
 def test_learning_rate_warms_up_holds_then_decays_over_the_budgets_end() -> None:
-    opt = _adamw([nn.Parameter(torch.zeros(1))], 2.0)
+    opt = adamw([nn.Parameter(torch.zeros(1))], 2.0)
 
     def lr(step: int, progress: float, decay: float = 0.25) -> float:
-        _set_lr(opt, step, 10, progress, decay)
+        set_lr(opt, step, 10, progress, decay)
         return opt.param_groups[0]["lr"]
 
     assert lr(4, 0.0) == 1.0 and lr(50, 0.5) == 2.0 and lr(50, 0.75) == 2.0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,17 +13,17 @@ import torch
 
 from nodegraph import Engine
 from nodes.adapters import DenoiserInfo, DenoiserModel
-from nodes.control import object_mask
+from nodes.image_ops import object_mask
 from nodes.models.dit import DiT, DiTConfig
 from nodes.models.text import TextConfig, TextEncoder
 from nodes.models.unet import UNet, UNetConfig
 from nodes.shapes import data
 from nodes.shapes_nodes import image_to_uint8
-from nodes.training import CAPTION_SLOTS, Budget, CaptionTable, caption_labels, pretrain_text, sample_sigmas
+from nodes.training.common import Budget, CaptionTable
+from nodes.training.controlnet import controlnet_loss, hint_images, iou, mask_of, new_controlnet, train_controlnet
+from nodes.training.denoiser import sample_sigmas
+from nodes.training.text import CAPTION_SLOTS, caption_labels, pretrain_text
 from tests.nodes.conftest import randomize
-from nodes.training_controlnet import (
-    controlnet_loss, hint_images, iou, mask_of, new_controlnet, train_controlnet,
-)
 
 
 def base_model(arch: str) -> DenoiserModel:
@@ -122,3 +124,15 @@ def test_shipped_controlnet_graph_puts_the_objects_where_the_mask_says(graph: st
     with_control = float(iou(mask_of(image), control[None])[0])
     without = float(iou(mask_of(image_to_uint8(free["image"])), control[None])[0])
     assert with_control > 0.6 and with_control > without + 0.2, (with_control, without)
+
+
+@pytest.mark.parametrize("module,prog", [("nodes.training", "python -m nodes.training"),
+                                         ("nodes.training.controlnet", "python -m nodes.training.controlnet"),
+                                         ("nodes.training_controlnet", "python -m nodes.training.controlnet")])
+def test_the_training_commands_run(module: str, prog: str) -> None:
+    """The commands docs/models.md and the shipped training records name (the old ControlNet one is an alias)."""
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: {prog} ")
+    assert ("--only" in done.stdout) == (module == "nodes.training")
