@@ -23,7 +23,9 @@ Policy
 
 Each step runs under ``torch.no_grad`` unless it (or its loop body) declares it needs gradients, in which case
 it runs with autograd enabled and inference tensors among its inputs are cloned first. (Not ``inference_mode``:
-its tensors have no version counter, and the mutation guard needs one.) Tensors are moved to the step's device
+its tensors have no version counter, and the mutation guard needs one; a loop's body does run under
+``inference_mode``, for its lower per-op cost — the loop's inputs keep their counters and its outputs are cloned
+when stored.) Tensors are moved to the step's device
 at the edge only when they live elsewhere; models are made resident through the residency manager and pinned
 while the step runs.
 """
@@ -44,7 +46,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .cache import MISSING, Cache
-from .devices import ResidencyManager, move_to, resolve_device
+from .devices import ResidencyManager, move_to, resolve_device, same_device
 from .errors import Cancelled, NodeExecutionError, summarize
 from .events import CancelToken, EventBus, RunToken
 from .limits import DEFAULT_LIMITS, Limits
@@ -131,6 +133,15 @@ def modules_in(value: Any) -> list[torch.nn.Module]:
         return [value]
     hook = getattr(value, "__nodegraph_modules__", None)
     return list(hook()) if callable(hook) else []
+
+
+def _prepare(value: Any, device: torch.device) -> Any:
+    """An input as a node receives it: on the step's device, containers copied (see nodegraph.values)."""
+    if isinstance(value, torch.Tensor):
+        return value if value.device == device or same_device(value.device, device) else value.to(device)
+    if isinstance(value, (list, tuple, dict)):
+        return isolate(move_to(value, device))
+    return value
 
 
 def synchronous_submit(fn: Callable[[], None]) -> None:
@@ -361,13 +372,15 @@ class LocalExecutor:
         try:
             device = self.device_for(step.device)
             ctx = self.context(step, state, device)
-            inputs = {k: isolate(move_to(v, device)) for k, v in inputs.items()}
+            inputs = {k: _prepare(v, device) for k, v in inputs.items()}
             for value in inputs.values():
                 for module in modules_in(value):
                     self.residency.acquire(module, device)
                     self.residency.pin(module)
                     pinned.append(module)
-            with grad_mode(step.grad):
+            # A loop body runs under inference_mode (its per-op cost is lower, and the loop's own inputs keep
+            # their version counters, so the guard still sees them change); outputs are cloned when stored.
+            with (grad_mode(True) if step.grad else torch.inference_mode() if step.is_loop else torch.no_grad()):
                 if step.grad:
                     inputs = {k: (v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v)
                               for k, v in inputs.items()}

@@ -19,8 +19,9 @@ Policy
   parameters of input models) and compares after (:func:`changed_ports`). A change fails the node with an error
   naming the port and the producer, and the executor drops the damaged cache entries. Steps run under
   ``torch.no_grad`` rather than ``torch.inference_mode`` because inference tensors have no version counter; a
-  tensor a node made under its own ``inference_mode`` is cloned once when it is stored, so every cached tensor
-  can be checked. Changes through ``.data`` or ``.numpy()`` views escape the counter: nodes must not do that.
+  tensor made under ``inference_mode`` (by a node itself, or inside a loop body, which runs under it for speed)
+  is cloned once when it is stored, so every cached tensor can be checked. Inside a loop body only the loop's
+  own inputs are guarded, not one body node's outputs against another's. Changes through ``.data`` or ``.numpy()`` views escape the counter: nodes must not do that.
 """
 
 from __future__ import annotations

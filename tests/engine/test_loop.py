@@ -323,4 +323,4 @@ def test_loop_grad_mode_is_visible_to_body_nodes(eng):
                      {"inference": L("lp", "inference"), "grad": L("lp", "grad")})
 
     assert eng.run(g(True)).outputs == {"inference": [False], "grad": [True]}
-    assert eng.run(g(False)).outputs == {"inference": [False], "grad": [False]}  # no_grad, not inference_mode
+    assert eng.run(g(False)).outputs == {"inference": [True], "grad": [False]}  # bodies run under inference_mode
