@@ -406,7 +406,8 @@ class _Checker:
             if not importable(module):
                 self.err("missing_dependency", f"node type {spec.type} needs the Python module {module!r}, which "
                          "is not installed here", nid, None,
-                         f"install the package that provides {module!r} (often: pip install {module.split('.')[0]})")
+                         f"install the package that provides {module!r} (pip install "
+                         f"{_DISTRIBUTIONS.get(module.split('.')[0], module.split('.')[0])})")
         if spec.meta:
             self.nested(spec.meta, nid, None, "the node's meta", keyed=False)
         if spec.version is not None:
@@ -722,3 +723,8 @@ def _literal_code(idef, value: Any) -> str:
         if kinds & {"literal_error", "enum"}:
             return "not_in_enum"
     return "wrong_type"
+
+
+# Modules whose pip distribution has another name (the hint of ``missing_dependency``).
+_DISTRIBUTIONS = {"skimage": "scikit-image", "open3d": "open3d-cpu", "cv2": "opencv-python", "PIL": "pillow",
+                  "mcubes": "PyMCubes", "yaml": "pyyaml"}
