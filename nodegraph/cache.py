@@ -176,6 +176,11 @@ class DiskCache:
             self._enforce_budget(keep=target)
         return True
 
+    def remove(self, key: str) -> None:
+        """Delete an entry's files (either format), if any."""
+        for path in self._paths(key):
+            path.unlink(missing_ok=True)
+
     def __contains__(self, key: str) -> bool:
         return any(_is_regular(p) for p in self._paths(key))
 
@@ -283,5 +288,4 @@ class Cache:
         """Forget an entry in memory and (``disk=True``) on disk: it may hold a damaged value."""
         self.memory.evict(key)
         if disk and self.disk is not None:
-            for path in self.disk._paths(key):
-                path.unlink(missing_ok=True)
+            self.disk.remove(key)

@@ -68,7 +68,10 @@ def same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def move_to(value: Any, device: torch.device) -> Any:
-    """Copy tensors in ``value`` to ``device`` where they live elsewhere; leave everything else alone."""
+    """Copy tensors in ``value`` to ``device`` where they live elsewhere; leave everything else alone.
+
+    Lists, tuples and dicts are always rebuilt, so the caller gets containers of its own (what keeps a node's
+    ``append`` from reaching another node's cached value); the tensors inside are shared when already there."""
     if isinstance(value, torch.Tensor):
         return value if same_device(value.device, device) else value.to(device)
     if isinstance(value, list):

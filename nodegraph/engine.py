@@ -9,8 +9,8 @@ State and threads: an Engine owns its cache, residency manager, event bus and ex
 process share nothing but the node registry (which is read-only once loaded). One Engine may be used from
 several threads: the cache and the residency manager are locked, and each ``run`` has its own run state; runs
 that share a model on the same device are serialised only by the model's pin, not by the Engine. Values handed
-back are the cached objects themselves — treat them as read-only (they are inference tensors unless produced
-by a gradient step).
+back are the cached objects themselves — treat them as read-only (a node that changes an input in place fails,
+see :mod:`nodegraph.values`; the caller is trusted not to).
 """
 
 from __future__ import annotations

@@ -24,9 +24,8 @@ Policy
 Each step runs under ``torch.no_grad`` unless it (or its loop body) declares it needs gradients, in which case
 it runs with autograd enabled and inference tensors among its inputs are cloned first. (Not ``inference_mode``:
 its tensors have no version counter, and the mutation guard needs one; a loop's body does run under
-``inference_mode``, for its lower per-op cost — the loop's inputs keep their counters and its outputs are cloned
-when stored.) Tensors are moved to the step's device
-at the edge only when they live elsewhere; models are made resident through the residency manager and pinned
+``inference_mode``, for its lower per-op cost — see :func:`grad_mode`.) Tensors are moved to the step's device
+at the edge only when they live elsewhere (containers are rebuilt on the way, so a node gets its own copies); models are made resident through the residency manager and pinned
 while the step runs.
 """
 
@@ -46,14 +45,14 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .cache import MISSING, Cache
-from .devices import ResidencyManager, move_to, resolve_device, same_device
+from .devices import ResidencyManager, move_to, resolve_device
 from .errors import Cancelled, NodeExecutionError, summarize
 from .events import CancelToken, EventBus, RunToken
 from .limits import DEFAULT_LIMITS, Limits
 from .loop import LoopRuntime, run_loop
 from .node import Context
 from .plan import Arg, Const, Plan, Ref, Step
-from .values import changed_ports, check_output, detach_inference, isolate, matches, tensor_versions
+from .values import changed, check_output, detach_inference, matches, tensor_versions, tensors_in
 
 Submit = Callable[[Callable[[], None]], None]
 
@@ -103,27 +102,15 @@ class RunState:
 class InputMutated(NodeExecutionError):
     """A node changed one of its input tensors in place (see :mod:`nodegraph.values`)."""
 
-    def __init__(self, step: Step, ports: list[str], tensors: list[torch.Tensor], inputs: dict[str, str]):
+    def __init__(self, step: Step, mutated: list[tuple[str, torch.Tensor]], inputs: dict[str, str]):
+        ports = sorted({port for port, _ in mutated})
         sources = [f"{p!r} (from {src.step}.{src.output})" if isinstance(src := step.inputs.get(p), Ref) else repr(p)
                    for p in ports]
         error = RuntimeError(f"the node changed its input {', '.join(sources)} in place; inputs are other nodes' "
                              "cached outputs and must not be modified (copy first, e.g. x = x.clone(), or use the "
                              "out-of-place op)")
         super().__init__(step.id, step.type, error, inputs)
-        self.ports, self.tensors = ports, tensors
-
-
-def _holds(value: Any, storages: set[int], depth: int = 0) -> bool:
-    """Whether a cached value holds a tensor (or a model parameter) on one of these storages."""
-    if isinstance(value, torch.Tensor):
-        return value.untyped_storage().data_ptr() in storages
-    if depth > 16:
-        return False
-    if isinstance(value, (list, tuple)):
-        return any(_holds(v, storages, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return any(_holds(v, storages, depth + 1) for v in value.values())
-    return any(_holds(t, storages) for m in modules_in(value) for t in (*m.parameters(), *m.buffers()))
+        self.ports, self.tensors = ports, [t for _, t in mutated]
 
 
 def modules_in(value: Any) -> list[torch.nn.Module]:
@@ -135,27 +122,23 @@ def modules_in(value: Any) -> list[torch.nn.Module]:
     return list(hook()) if callable(hook) else []
 
 
-def _prepare(value: Any, device: torch.device) -> Any:
-    """An input as a node receives it: on the step's device, containers copied (see nodegraph.values)."""
-    if isinstance(value, torch.Tensor):
-        return value if value.device == device or same_device(value.device, device) else value.to(device)
-    if isinstance(value, (list, tuple, dict)):
-        return isolate(move_to(value, device))
-    return value
-
-
 def synchronous_submit(fn: Callable[[], None]) -> None:
     fn()
 
 
 @contextmanager
-def grad_mode(enabled: bool) -> Iterator[None]:
-    if enabled:
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
-    else:
-        with torch.no_grad():
-            yield
+def _autograd() -> Iterator[None]:
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def grad_mode(step: Step) -> Any:
+    """A step's autograd mode: enabled when it needs gradients; else ``no_grad``, or ``inference_mode`` for a
+    loop body (lower per-op cost; the loop's own inputs keep their version counters, its outputs are cloned
+    when stored)."""
+    if step.grad:
+        return _autograd()
+    return torch.inference_mode() if step.is_loop else torch.no_grad()
 
 
 class LocalExecutor:
@@ -273,9 +256,7 @@ class LocalExecutor:
         """The scheduling loop (see the module docstring for the policy)."""
         emit = state.emit
         while state.ready or state.running:
-            if state.failure is None and state.token.cancelled:
-                state.failure = Cancelled(state.token.message(), state.token.reason or "cancelled")
-                emit("cancelled", None, reason=state.token.reason)
+            self._check_cancel(state)
             while state.failure is None and state.ready and len(state.running) < self.max_workers:
                 sid = state.ready.popleft()
                 state.running.add(sid)
@@ -320,16 +301,22 @@ class LocalExecutor:
             try:
                 return done_q.get(timeout=0.25)
             except queue.Empty:
-                if state.failure is None and state.token.cancelled:
-                    state.failure = Cancelled(state.token.message(), state.token.reason or "cancelled")
-                    state.emit("cancelled", None, reason=state.token.reason)
+                self._check_cancel(state)
+
+    @staticmethod
+    def _check_cancel(state: RunState) -> None:
+        """Record a cancellation (caller, interrupt, deadline) as the run's failure, once."""
+        if state.failure is None and state.token.cancelled:
+            state.failure = Cancelled(state.token.message(), state.token.reason or "cancelled")
+            state.emit("cancelled", None, reason=state.token.reason)
 
     def _taint(self, plan: Plan, error: "InputMutated", state: RunState) -> None:
         """A node changed tensors in place: forget every memory entry holding them, and everything downstream
         of those in this plan (from both tiers: a step running beside the change may have read it). Disk
         entries of the holders themselves were written before the change and stay."""
         storages = {t.untyped_storage().data_ptr() for t in error.tensors}
-        holders = {key for key, outputs in self.cache.memory.items() if _holds(outputs, storages)}
+        holders = {key for key, outputs in self.cache.memory.items()
+                   if any(t.untyped_storage().data_ptr() in storages for t in tensors_in(outputs, modules_in))}
         for key in holders:
             self.cache.discard(key, disk=False)
         by_key = {step.key: sid for sid, step in plan.steps.items()}
@@ -372,24 +359,21 @@ class LocalExecutor:
         try:
             device = self.device_for(step.device)
             ctx = self.context(step, state, device)
-            inputs = {k: _prepare(v, device) for k, v in inputs.items()}
+            inputs = {k: move_to(v, device) for k, v in inputs.items()}  # containers arrive as fresh copies
             for value in inputs.values():
                 for module in modules_in(value):
                     self.residency.acquire(module, device)
                     self.residency.pin(module)
                     pinned.append(module)
-            # A loop body runs under inference_mode (its per-op cost is lower, and the loop's own inputs keep
-            # their version counters, so the guard still sees them change); outputs are cloned when stored.
-            with (grad_mode(True) if step.grad else torch.inference_mode() if step.is_loop else torch.no_grad()):
+            with grad_mode(step):
                 if step.grad:
                     inputs = {k: (v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v)
                               for k, v in inputs.items()}
                 versions = tensor_versions(inputs, modules_in)
                 outputs = self.run_step(step, inputs, wanted, ctx, state)
-            mutated = changed_ports(versions)
+            mutated = changed(versions)
             if mutated:
-                tensors = [t for port, t, v in versions if t._version != v]
-                raise InputMutated(step, mutated, tensors, {k: summarize(v) for k, v in inputs.items()})
+                raise InputMutated(step, mutated, {k: summarize(v) for k, v in inputs.items()})
             for name, value in outputs.items():  # a loop's stacked outputs may be lists: only carried ones are typed
                 ptype = None if step.is_loop and name not in step.body.carried else step.types.get(name)
                 check_output(value, ptype, self.limits, f"{step.id}.{name}")

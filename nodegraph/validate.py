@@ -272,7 +272,7 @@ class _Checker:
         self.limits = limits if limits is not None else limits_of(ctx)
         self.expanding = expanding  # graph-defined types being expanded (to refuse self-recursion)
         self.loops = loops  # loops around this scope (cache keys nest one level of record per loop)
-        self.consts = dict(consts or {})  # literal values of this subgraph's inputs, for ``cost`` hooks
+        self.consts = dict(consts or {})  # literal values of this subgraph's inputs, for the validation hooks
 
     def err(self, code: str, message: str, node: str | None = None, port: str | None = None,
             hint: str | None = None) -> None:
@@ -441,17 +441,24 @@ class _Checker:
         cn.output_types = {k: t.substitute(bindings).unbind() for k, t in defn.outputs.items()}
         if defn.kind == "graph":
             self.graph_node(cn, checked, inputs, prefix, bindings, typed)
-        if (defn.resolve is not None or defn.refine is not None) and typed:
-            self._hooks(cn, defn, nid)
-        if defn.cost is not None and typed:
-            self._cost(cn, defn, nid)
+        if typed and (defn.resolve is not None or defn.refine is not None or defn.cost is not None):
+            literals = self._known_literals(cn)
+            if defn.resolve is not None or defn.refine is not None:
+                self._hooks(cn, defn, nid, literals)
+            if defn.cost is not None:
+                self._cost(defn, nid, literals)
 
-    def _cost(self, cn: CheckedNode, defn: NodeDef, nid: str) -> None:
-        """Compare what a node type's ``cost`` hook says running would allocate with the limits."""
+    def _known_literals(self, cn: CheckedNode) -> dict[str, Any]:
+        """A node's literals plus the literal values its ``{"input": ...}`` references stand for in this
+        subgraph (what a graph-defined node or a loop was given): what the validation hooks can see."""
         literals = dict(cn.literals)
-        for port, value in cn.spec.inputs.items():  # inside a subgraph, literals given to the using node
+        for port, value in cn.spec.inputs.items():
             if isinstance(value, InputRef) and value.input in self.consts:
                 literals.setdefault(port, self.consts[value.input])
+        return literals
+
+    def _cost(self, defn: NodeDef, nid: str, literals: dict[str, Any]) -> None:
+        """Compare what a node type's ``cost`` hook says running would allocate with the limits."""
         try:
             cost = defn.cost(literals)
             items = list(cost.items()) if cost else []
@@ -469,9 +476,8 @@ class _Checker:
                 self.err("too_large", f"{defn.type_id} would need {_num(value)} {key}; the limit is "
                          f"{limit_name}={limit:,}", nid)
 
-    def _hooks(self, cn: CheckedNode, defn: NodeDef, nid: str) -> None:
+    def _hooks(self, cn: CheckedNode, defn: NodeDef, nid: str, literals: dict[str, Any]) -> None:
         """Run a node type's ``resolve`` then ``refine`` hook on its literals (see nodegraph.node)."""
-        literals = dict(cn.literals)
         try:
             if defn.resolve is not None:
                 cn.resolved = defn.resolve(literals, self.ctx.for_node(nid))

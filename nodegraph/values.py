@@ -13,10 +13,10 @@ Policy
 * **Cache hits are checked too** (:func:`matches`): a disk entry that decodes to something else than the step's
   declared outputs is a miss, and the step runs again.
 * **Inputs are never changed.** A node receives its inputs' containers (lists, dicts, tuples) as fresh copies
-  (:func:`isolate`; the tensors inside are shared, not copied). Tensors are shared with the cache, so a node that
+  (:func:`nodegraph.devices.move_to` rebuilds them at the edge; the tensors inside are shared, not copied). Tensors are shared with the cache, so a node that
   changes one in place (``x.add_(1)``) would change what every other consumer and every later run sees: the
   executor records each input tensor's version counter before the node runs (:func:`tensor_versions`, also the
-  parameters of input models) and compares after (:func:`changed_ports`). A change fails the node with an error
+  parameters of input models) and compares after (:func:`changed`). A change fails the node with an error
   naming the port and the producer, and the executor drops the damaged cache entries. Steps run under
   ``torch.no_grad`` rather than ``torch.inference_mode`` because inference tensors have no version counter; a
   tensor made under ``inference_mode`` (by a node itself, or inside a loop body, which runs under it for speed)
@@ -26,7 +26,7 @@ Policy
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -116,66 +116,39 @@ def matches(outputs: Any, types: dict[str, T.PortType], limits: Limits) -> bool:
     return True
 
 
-def isolate(value: Any) -> Any:
-    """Fresh copies of the containers in ``value`` (lists, tuples, dicts); everything inside is shared."""
-    if isinstance(value, list):
-        return [isolate(v) for v in value]
-    if isinstance(value, dict):
-        return {k: isolate(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return tuple(isolate(v) for v in value)
-    return value
+def tensors_in(value: Any, modules_of: Any = None, depth: int = 0) -> Iterator[torch.Tensor]:
+    """Every tensor reachable from a value: inside lists, tuples and dicts (16 levels), and the parameters and
+    buffers of the models ``modules_of(value)`` lists."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple, dict)):
+        if depth < 16:
+            for v in (value.values() if isinstance(value, dict) else value):
+                yield from tensors_in(v, modules_of, depth + 1)
+    elif modules_of is not None:
+        for module in modules_of(value):
+            yield from module.parameters()
+            yield from module.buffers()
 
 
 def tensor_versions(inputs: dict[str, Any], modules_of: Any) -> list[tuple[str, torch.Tensor, int]]:
-    """``(port, tensor, version)`` for every tensor reachable from the inputs, model parameters included."""
-    found: list[tuple[str, torch.Tensor, int]] = []
-    for port, value in inputs.items():
-        _collect(port, value, modules_of, found, 0)
-    return found
+    """``(port, tensor, version)`` for every tensor reachable from the inputs, model parameters included
+    (inference tensors have no version counter and are skipped)."""
+    return [(port, t, t._version) for port, value in inputs.items() for t in tensors_in(value, modules_of)
+            if not t.is_inference()]
 
 
-def _collect(port: str, value: Any, modules_of: Any, found: list, depth: int) -> None:
-    if isinstance(value, torch.Tensor):
-        if not value.is_inference():
-            found.append((port, value, value._version))
-        return
-    if depth > 16:
-        return
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            _collect(port, v, modules_of, found, depth + 1)
-    elif isinstance(value, dict):
-        for v in value.values():
-            _collect(port, v, modules_of, found, depth + 1)
-    else:
-        for module in modules_of(value):
-            for t in (*module.parameters(), *module.buffers()):
-                if not t.is_inference():
-                    found.append((port, t, t._version))
-
-
-def changed_ports(before: list[tuple[str, torch.Tensor, int]]) -> list[str]:
-    """Ports whose tensors were changed in place since :func:`tensor_versions` recorded them."""
-    return sorted({port for port, t, version in before if t._version != version})
+def changed(before: list[tuple[str, torch.Tensor, int]]) -> list[tuple[str, torch.Tensor]]:
+    """``(port, tensor)`` of the tensors changed in place since :func:`tensor_versions` recorded them."""
+    return [(port, t) for port, t, version in before if t._version != version]
 
 
 def detach_inference(outputs: dict[str, Any]) -> dict[str, Any]:
     """Outputs with inference tensors cloned into normal ones (so their version counters exist)."""
-    if not any(_has_inference(v, 0) for v in outputs.values()):
+    if not any(t.is_inference() for v in outputs.values() for t in tensors_in(v)):
         return outputs
     with torch.inference_mode(False):
         return {k: _clone_inference(v) for k, v in outputs.items()}
-
-
-def _has_inference(value: Any, depth: int) -> bool:
-    if isinstance(value, torch.Tensor):
-        return value.is_inference()
-    if depth < 16 and isinstance(value, (list, tuple)):
-        return any(_has_inference(v, depth + 1) for v in value)
-    if depth < 16 and isinstance(value, dict):
-        return any(_has_inference(v, depth + 1) for v in value.values())
-    return False
 
 
 def _clone_inference(value: Any) -> Any:

@@ -182,6 +182,26 @@ def test_names_that_are_paths_are_refused_at_validation(root, make_engine, loads
     assert loads == [] and events == []
 
 
+def test_a_name_given_to_a_graph_defined_node_is_resolved_at_validation(root, make_engine, loads) -> None:
+    # The loader sits inside a graph-defined node and gets its name through {"input": ...}: validation still
+    # sees the literal, so the port is typed from the model and a path is refused before anything runs.
+    from nodegraph import Registry
+    from nodegraph.engine import default_registry
+
+    reg: Registry = default_registry().copy()
+    reg.add_graph_node({"type": "test.vae_by_name", "inputs": {"name": {"type": "String"}},
+                        "nodes": {"ld": {"type": "model.load_vae", "inputs": {"path": {"input": "name"}}}},
+                        "outputs": {"vae": {"node": "ld", "output": "vae"}}}, "test")
+    engine = Engine(reg, device="cpu", model_roots=[root])
+    graph = {"version": 1, "nodes": {"w": {"type": "test.vae_by_name", "inputs": {"name": "../../x"}}},
+             "outputs": {"vae": {"node": "w", "output": "vae"}}}
+    assert issues_of(engine.validate(graph)) == [("bad_model_name", "w/ld", "path")]
+    graph["nodes"]["w"]["inputs"]["name"] = "myvae"
+    result = engine.validate(graph)
+    assert result.ok and result.scope.output_types["vae"].param("space") is not None
+    assert loads == []
+
+
 def test_a_path_given_with_set_is_refused_too(root, make_engine, loads) -> None:
     engine = make_engine(model_roots=[root])
     result = engine.validate(vae_graph("myvae"), overrides={"vae.path": str(SHIPPED / "vae")})
