@@ -132,13 +132,24 @@ def _autograd() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _no_grad() -> Iterator[None]:
+    """``torch.no_grad()`` without building its object per step (this runs once per node)."""
+    before = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_grad_enabled(before)
+
+
 def grad_mode(step: Step) -> Any:
     """A step's autograd mode: enabled when it needs gradients; else ``no_grad``, or ``inference_mode`` for a
     loop body (lower per-op cost; the loop's own inputs keep their version counters, its outputs are cloned
     when stored)."""
     if step.grad:
         return _autograd()
-    return torch.inference_mode() if step.is_loop else torch.no_grad()
+    return torch.inference_mode() if step.is_loop else _no_grad()
 
 
 class LocalExecutor:

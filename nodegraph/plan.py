@@ -72,8 +72,12 @@ class Step:
     def is_loop(self) -> bool:
         return self.type == LOOP_TYPE
 
-    def upstream(self) -> set[str]:
-        return {s.step for s in self.inputs.values() if isinstance(s, Ref)}
+    def upstream(self) -> frozenset[str]:
+        """The ids of the steps whose outputs this one reads (computed once: a plan's steps do not change)."""
+        found = self.__dict__.get("_upstream")
+        if found is None:
+            found = self.__dict__["_upstream"] = frozenset(s.step for s in self.inputs.values() if isinstance(s, Ref))
+        return found
 
 
 @dataclass

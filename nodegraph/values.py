@@ -71,6 +71,7 @@ def walk(value: Any, limits: Limits, where: str) -> None:
 
 _LEAVES = (torch.Tensor, str, bytes, bytearray)
 _CONTAINERS = (list, tuple, dict)
+_PLAIN = (int, float, str, bool, type(None))  # values that hold no tensor (the walkers' fast path)
 
 
 def _walk(item: Any, depth: int, limits: Limits, where: str, on_path: set[int], done: set[int]) -> None:
@@ -134,8 +135,8 @@ def tensors_in(value: Any, modules_of: Any = None, depth: int = 0) -> Iterator[t
 def tensor_versions(inputs: dict[str, Any], modules_of: Any) -> list[tuple[str, torch.Tensor, int]]:
     """``(port, tensor, version)`` for every tensor reachable from the inputs, model parameters included
     (inference tensors have no version counter and are skipped)."""
-    return [(port, t, t._version) for port, value in inputs.items() for t in tensors_in(value, modules_of)
-            if not t.is_inference()]
+    return [(port, t, t._version) for port, value in inputs.items() if not isinstance(value, _PLAIN)
+            for t in tensors_in(value, modules_of) if not t.is_inference()]
 
 
 def changed(before: list[tuple[str, torch.Tensor, int]]) -> list[tuple[str, torch.Tensor]]:
@@ -145,7 +146,7 @@ def changed(before: list[tuple[str, torch.Tensor, int]]) -> list[tuple[str, torc
 
 def detach_inference(outputs: dict[str, Any]) -> dict[str, Any]:
     """Outputs with inference tensors cloned into normal ones (so their version counters exist)."""
-    if not any(t.is_inference() for v in outputs.values() for t in tensors_in(v)):
+    if not any(t.is_inference() for v in outputs.values() if not isinstance(v, _PLAIN) for t in tensors_in(v)):
         return outputs
     with torch.inference_mode(False):
         return {k: _clone_inference(v) for k, v in outputs.items()}
