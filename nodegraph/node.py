@@ -24,7 +24,9 @@ Hooks a node type may declare (all optional, all run at validation, before anyth
 * ``resolve(literals, ctx) -> object``: find what the literals name (a model folder and its config) once; the
   result is handed to ``refine``/``fingerprint`` and to the running node as ``ctx.resolved``. Raising an error
   with ``code``/``port``/``hint`` attributes reports it as a validation issue on that port.
-* ``refine(literals[, ctx]) -> {output: PortType}``: sharpen output types from the literals (a model's space).
+* ``refine(literals[, ctx]) -> {port: PortType}``: sharpen output types from the literals (a model's space); a
+  type given as ``"input:<name>"`` is checked against the type linked into that input (a LoRA file's family
+  against the model it is applied to), so the mismatch is a ``type_mismatch`` naming both.
 * ``fingerprint(literals, ctx) -> JSON-able``: joins the cache key (file contents, weights' size and mtime).
 * ``cost(literals) -> {"pixels": n, "elements": n, "iterations": n}``: what running would allocate, compared
   with the engine's :class:`nodegraph.limits.Limits` (``too_large``).

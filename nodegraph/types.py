@@ -116,9 +116,9 @@ Conditioning = _t("Conditioning", dim=None)
 Mesh = _t("Mesh")
 File = _t("File")  # a path to a file a node wrote (inside the output root)
 # Model handles.
-Denoiser = _t("Denoiser", space=None, channels=None, context_dim=None)
+Denoiser = _t("Denoiser", space=None, channels=None, context_dim=None, family=None)
 VAE = _t("VAE", space=None, channels=None)
-TextEncoder = _t("TextEncoder", dim=None)
+TextEncoder = _t("TextEncoder", dim=None, family=None)
 ControlNet = _t("ControlNet", space=None)
 Model = _t("Model")
 

@@ -421,6 +421,7 @@ class _Checker:
         if spec.body is not None:
             self.err("bad_graph", "only loop nodes have a body", nid)
         bindings: dict[str, Any] = {}
+        sources: dict[str, T.PortType] = {}  # input -> the type linked into it (refine may sharpen the input)
         for name, value in spec.inputs.items():
             idef = defn.inputs.get(name)
             if idef is None:
@@ -430,6 +431,7 @@ class _Checker:
             if isinstance(value, (Link, InputRef)):
                 src_type = self._source_type(value, checked, inputs, nid, name)
                 if src_type is not None and typed:
+                    sources[name] = src_type
                     self._edge(src_type, idef.type, bindings, nid, name)
             elif self.nested(literal_value(value), nid, name, f"input {name!r}"):
                 self._literal(cn, idef, name, literal_value(value), nid, bindings)
@@ -444,7 +446,7 @@ class _Checker:
         if typed and (defn.resolve is not None or defn.refine is not None or defn.cost is not None):
             literals = self._known_literals(cn)
             if defn.resolve is not None or defn.refine is not None:
-                self._hooks(cn, defn, nid, literals)
+                self._hooks(cn, defn, nid, literals, sources)
             if defn.cost is not None:
                 self._cost(defn, nid, literals)
 
@@ -476,14 +478,21 @@ class _Checker:
                 self.err("too_large", f"{defn.type_id} would need {_num(value)} {key}; the limit is "
                          f"{limit_name}={limit:,}", nid)
 
-    def _hooks(self, cn: CheckedNode, defn: NodeDef, nid: str, literals: dict[str, Any]) -> None:
-        """Run a node type's ``resolve`` then ``refine`` hook on its literals (see nodegraph.node)."""
+    def _hooks(self, cn: CheckedNode, defn: NodeDef, nid: str, literals: dict[str, Any],
+               sources: Mapping[str, T.PortType]) -> None:
+        """Run a node type's ``resolve`` then ``refine`` hook on its literals (see nodegraph.node). A refined
+        *input* type (a LoRA file's family on the model input) is checked against what is linked into it."""
         try:
             if defn.resolve is not None:
                 cn.resolved = defn.resolve(literals, self.ctx.for_node(nid))
             if defn.refine is not None:
                 args = (literals, self.ctx.for_node(nid, cn.resolved)) if takes_two(defn.refine) else (literals,)
-                cn.output_types.update(defn.refine(*args) or {})
+                for port, ptype in (defn.refine(*args) or {}).items():
+                    if port.startswith("input:"):
+                        if port[6:] in sources:
+                            self._edge(sources[port[6:]], ptype, {}, nid, port[6:])
+                    elif port in defn.outputs:
+                        cn.output_types[port] = ptype
         except KeyError:
             pass  # a literal the hook needs is linked, not given: only running can tell
         except Exception as exc:  # noqa: BLE001 - hooks report user errors, e.g. an unknown model

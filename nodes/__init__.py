@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 MODULES = ("nodes.core", "nodes.image_ops", "nodes.sampling", "nodes.model_nodes", "nodes.shapes_nodes",
-           "nodes.control", "nodes.three_d", "nodes.sds")
+           "nodes.control", "nodes.three_d", "nodes.sds", "nodes.checkpoint_nodes")
 
 
 def register(registry, pack: str = "builtin") -> None:

@@ -70,6 +70,18 @@ class DenoiserInfo:
         Path(folder, SIDECAR).write_text(json.dumps(self.__dict__, indent=2) + "\n")
 
 
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """How a checkpoint's own scheduler config spaces steps (what ``schedule.scheduler`` uses for ``spacing=
+    "default"``) and scales the first noise: ``spacing`` None means each scheduler's own default; ``start`` is
+    diffusers' ``init_noise_sigma`` rule ("sigma": the first sigma; "vp": ``sqrt(sigma**2 + 1)``, what diffusers'
+    Euler schedulers use with leading spacing and ComfyUI's KSampler at full denoise)."""
+
+    spacing: str | None = None
+    steps_offset: int = 0
+    start: str = "sigma"
+
+
 def schedule_of(info: DenoiserInfo) -> TrainSchedule | None:
     return None if info.prediction == "flow" else TRAIN_PRESETS[info.train_schedule]
 
@@ -86,14 +98,18 @@ class DenoiserModel(nn.Module):
     :meth:`call_network` to rename the keyword arguments and unwrap the output; the scaling stays here.
 
     ``takes_pooled`` says whether the network takes the pooled text vector; by default the network's own
-    ``takes_pooled`` attribute (False when it has none).
+    ``takes_pooled`` attribute (False when it has none). ``schedule`` is the training noise schedule (default: the
+    preset ``info.train_schedule`` names; a checkpoint passes the one its scheduler config gives) and ``sampling``
+    the scheduler config's spacing rules (:class:`SamplingDefaults`).
     """
 
-    def __init__(self, net: nn.Module, info: DenoiserInfo, takes_pooled: bool | None = None):
+    def __init__(self, net: nn.Module, info: DenoiserInfo, takes_pooled: bool | None = None,
+                 schedule: TrainSchedule | None = None, sampling: SamplingDefaults | None = None):
         super().__init__()
         self.net = net
         self.info = info
-        schedule = schedule_of(info)
+        self.schedule = schedule = schedule if schedule is not None else schedule_of(info)
+        self.sampling = sampling or SamplingDefaults()
         self.num_train_timesteps = schedule.num_train_timesteps if schedule else 1000
         train_sigmas = schedule.train_sigmas() if schedule else None
         self.register_buffer("train_sigmas", train_sigmas if train_sigmas is not None else torch.zeros(0),
@@ -152,7 +168,9 @@ def to_dtype(kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
 
 
 def concat_cond(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Stack two conditionings along the batch, padding token sequences to the same length."""
+    """Stack two conditionings along the batch. Token sequences of different lengths (a long prompt in chunks
+    against a short negative) are padded when both carry a mask, else repeated to a common length (what ComfyUI
+    does: attention over a sequence repeated k times gives the same result)."""
     out: dict[str, Any] = {}
     for key in a.keys() | b.keys():
         va, vb = a.get(key), b.get(key)
@@ -162,9 +180,14 @@ def concat_cond(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
             continue
         if key == "control":
             raise ValueError("ControlNet residuals are added by the ControlNet wrapper, after guidance batching")
-        if va.dim() >= 2 and va.shape[1] != vb.shape[1]:
-            length = max(va.shape[1], vb.shape[1])
-            va, vb = _pad_tokens(va, length), _pad_tokens(vb, length)
+        if va.dim() >= 2 and va.shape[1] != vb.shape[1] and key in ("tokens", "mask"):
+            if "mask" in a and "mask" in b:  # masked: pad, the padding is masked out
+                length = max(va.shape[1], vb.shape[1])
+                va, vb = _pad_tokens(va, length), _pad_tokens(vb, length)
+            else:  # unmasked (checkpoint encoders): repeat each to a common length, which attention cannot tell
+                length = math.lcm(va.shape[1], vb.shape[1])
+                va = va.repeat(1, length // va.shape[1], *([1] * (va.dim() - 2)))
+                vb = vb.repeat(1, length // vb.shape[1], *([1] * (vb.dim() - 2)))
         out[key] = torch.cat([va, vb])
     return out
 
@@ -289,7 +312,12 @@ def _add(x: Tensor | None, y: Tensor | None, where: str) -> Tensor | None:
 
 
 def check_pair(controlnet: nn.Module, net: nn.Module) -> None:
-    """Refuse a ControlNet whose residuals do not fit the denoiser network, naming what differs."""
+    """Refuse a ControlNet whose residuals do not fit the denoiser network, naming what differs. A ControlNet of
+    another class (a checkpoint's, :mod:`nodes.checkpoints.controlnet`) is asked itself: ``check_fits(net)``."""
+    check_fits = getattr(controlnet, "check_fits", None)
+    if callable(check_fits):
+        check_fits(net)
+        return
     if isinstance(controlnet, ControlNetUNet) and isinstance(net, UNet):
         have, want = controlnet.encoder, net.encoder
         if (have.skip_channels, have.mid_channels) != (want.skip_channels, want.mid_channels):

@@ -45,9 +45,11 @@ def scheduler_schedule(
         if base.kind != "flow":
             raise ValueError(f"flow_euler needs a flow-matching model; this one predicts {base.kind!r}")
         return append_zero(schedules.flow_sigmas(steps))
-    train = adapters.schedule_of(base.info)
-    return schedules.scheduler_sigmas(scheduler, steps, train, spacing=None if spacing == "default" else spacing,
-                                      spread=spread)
+    defaults = base.sampling
+    if spacing == "default":  # the model's scheduler config decides (a checkpoint's), else each scheduler's own
+        spacing = defaults.spacing
+    return schedules.scheduler_sigmas(scheduler, steps, base.schedule, spacing=spacing, spread=spread,
+                                      steps_offset=defaults.steps_offset)
 
 
 @node("schedule.betas", category="schedule", output="sigmas")
@@ -183,11 +185,21 @@ def dpmpp_2m(x: _L, denoised: _L, sigma: T.Any, sigma_next: T.Any,
 
 
 @node("latent.add_noise", category="latent", output="latent")
-def add_noise(model: T.Denoiser(space=S), latent: T.Latent(space=S), noise: T.Noise, sigmas: T.Sigmas) -> T.Latent(space=S):
-    """Noise a latent to the first sigma of a schedule (txt2img from a zero latent, img2img from an encoded one)."""
+def add_noise(model: T.Denoiser(space=S), latent: T.Latent(space=S), noise: T.Noise, sigmas: T.Sigmas,
+              start: Literal["sigma", "vp", "scheduler"] = "sigma") -> T.Latent(space=S):
+    """Noise a latent to the first sigma of a schedule (txt2img from a zero latent, img2img from an encoded one).
+
+    ``start`` scales the noise of a VP model: "sigma" gives ``latent + sigma * noise`` (the forward process);
+    "vp" gives ``latent + sqrt(sigma**2 + 1) * noise`` (ComfyUI's KSampler at full denoise); "scheduler" does what
+    the model's scheduler config does for a pipeline's first latent (diffusers' ``init_noise_sigma``)."""
     if noise.shape != latent.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} differs from latent shape {tuple(latent.shape)}")
-    return noised(adapters.base_of(model).kind, latent, noise.to(latent), sigmas[0].to(latent.device, latent.dtype))
+    base = adapters.base_of(model)
+    sigma = sigmas[0].to(latent.device, latent.dtype)
+    rule = base.sampling.start if start == "scheduler" else start
+    if rule == "vp" and base.kind != "flow":
+        return latent + (sigma**2 + 1) ** 0.5 * noise.to(latent)
+    return noised(base.kind, latent, noise.to(latent), sigma)
 
 
 @node("latent.inpaint_blend", category="latent", output="x")

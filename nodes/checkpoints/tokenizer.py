@@ -1,7 +1,8 @@
 """CLIP's tokenizer: byte-level BPE with an end-of-word marker (Radford et al. 2021, "Learning Transferable Visual
 Models From Natural Language Supervision"), the one every SD1.x / SD2.x / SDXL text encoder was trained with.
 
-Vocabulary (49,408 ids, in this order): the 256 byte symbols, the same 256 with ``</w>`` appended, one symbol per
+Vocabulary (49,408 ids, in this order): the 256 byte symbols (printable bytes first: ``!`` is 0, ``a`` is 64), the
+same 256 with ``</w>`` appended (``a</w>`` is 320), one symbol per
 merge (48,894 merges), then ``<|startoftext|>`` (49406) and ``<|endoftext|>`` (49407). The merges ship in this
 package (``data/clip_bpe_merges.txt.gz``: the first 48,894 merge lines of the vocabulary file in open_clip's wheel),
 so nothing is fetched at run time. The BPE itself runs in the ``tokenizers`` library (optional dependency,
@@ -32,21 +33,18 @@ CONTEXT = 77
 WORD_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
-def byte_symbols() -> list[str]:
-    """The printable symbol standing for each byte 0..255 (byte-level BPE's alphabet).
+PRINTABLE_BYTES = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
 
-    Bytes that are printable Latin-1 characters stand for themselves; the others (controls, space, a few
-    Latin-1 gaps) are given the code points from 256 upward, in byte order."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    kept = set(keep)
-    symbols, extra = [], 0
-    for b in range(256):
-        if b in kept:
-            symbols.append(chr(b))
-        else:
-            symbols.append(chr(256 + extra))
-            extra += 1
-    return symbols
+
+def byte_symbols() -> dict[int, str]:
+    """The printable symbol standing for each byte (byte-level BPE's alphabet), in vocabulary order.
+
+    Bytes that are printable Latin-1 characters stand for themselves and come first, in byte order (``!`` is id
+    0); the others (controls, space, a few Latin-1 gaps) follow, in byte order, given the code points from 256
+    upward (space is ``Ġ``)."""
+    kept = set(PRINTABLE_BYTES)
+    rest = [b for b in range(256) if b not in kept]
+    return {**{b: chr(b) for b in PRINTABLE_BYTES}, **{b: chr(256 + i) for i, b in enumerate(rest)}}
 
 
 def read_merges(path: Path = MERGES_FILE) -> list[tuple[str, str]]:
@@ -61,7 +59,7 @@ def read_merges(path: Path = MERGES_FILE) -> list[tuple[str, str]]:
 
 
 def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
-    symbols = byte_symbols()
+    symbols = list(byte_symbols().values())
     tokens = [*symbols, *(s + "</w>" for s in symbols), *(a + b for a, b in merges), BOS, EOS]
     if len(tokens) != VOCAB_SIZE:
         raise ValueError(f"a CLIP vocabulary has {VOCAB_SIZE} tokens; these merges give {len(tokens)}")
@@ -70,20 +68,24 @@ def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class ClipTokenizer:
-    """Text -> CLIP token ids. ``pad_id`` is what fills a frame after EOS (EOS for SD1.x, 0 for OpenCLIP)."""
+    """Text -> CLIP token ids. ``pad_id`` is what fills a frame after EOS (EOS for SD1.x, 0 for OpenCLIP).
+
+    ``folder``: a diffusers ``tokenizer/`` folder whose ``vocab.json`` and ``merges.txt`` define the BPE (read by
+    :func:`folder_tokenizer`, which also checks that it is CLIP's vocabulary); None: the shipped merges."""
 
     pad_id: int = VOCAB_SIZE - 1
     length: int = CONTEXT
+    folder: str | None = None
 
     bos_id = VOCAB_SIZE - 2
     eos_id = VOCAB_SIZE - 1
 
     def encode(self, text: str) -> list[int]:
         """The BPE ids of ``text``, without BOS/EOS or padding."""
-        return _backend().encode(text, add_special_tokens=False).ids
+        return _backend(self.folder).encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in _backend().encode_batch(list(texts), add_special_tokens=False)]
+        return [e.ids for e in _backend(self.folder).encode_batch(list(texts), add_special_tokens=False)]
 
     def frame(self, ids: list[int], *, truncate: bool = True) -> list[list[int]]:
         """``ids`` framed as ``length``-position windows ``[BOS, ..., EOS, pad...]``.
@@ -95,15 +97,52 @@ class ClipTokenizer:
         return [[self.bos_id, *c, self.eos_id] + [self.pad_id] * (room - len(c)) for c in chunks]
 
 
-@functools.lru_cache(maxsize=1)
-def _backend():
-    """The ``tokenizers`` pipeline for CLIP's BPE, built once per process from the shipped merges."""
+MAX_VOCAB_BYTES = 16 << 20  # CLIP's vocab.json is 1.6 MB, merges.txt 0.5 MB
+
+
+class TokenizerFilesError(ValueError):
+    """A tokenizer folder whose files are missing or are not CLIP's BPE vocabulary."""
+
+
+def folder_files(folder: str | Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """``vocab.json`` and ``merges.txt`` of a diffusers tokenizer folder, checked to be CLIP's layout (49,408
+    ids, BOS 49406, EOS 49407, one merge per line after a ``#version`` header)."""
+    import json
+
+    from nodegraph.safeio import read_bytes
+
+    folder = Path(folder)
+    try:
+        vocab = json.loads(read_bytes(folder / "vocab.json", MAX_VOCAB_BYTES))
+        lines = read_bytes(folder / "merges.txt", MAX_VOCAB_BYTES).decode("utf-8").splitlines()
+    except FileNotFoundError as exc:
+        raise TokenizerFilesError(f"tokenizer file {folder.name}/{Path(exc.filename or '').name} is missing") from None
+    except Exception:  # noqa: BLE001 - unreadable, too large, not JSON/UTF-8: one answer, without the contents
+        raise TokenizerFilesError(f"{folder.name}/vocab.json or merges.txt is not a readable CLIP vocabulary") from None
+    merges = [tuple(line.split(" ")) for line in lines[1:] if line.strip()]
+    ok = (isinstance(vocab, dict) and len(vocab) == VOCAB_SIZE and vocab.get(BOS) == VOCAB_SIZE - 2
+          and vocab.get(EOS) == VOCAB_SIZE - 1 and all(len(m) == 2 for m in merges)
+          and all(isinstance(v, int) for v in vocab.values()))
+    if not ok:
+        raise TokenizerFilesError(f"{folder.name}/ does not hold CLIP's BPE vocabulary ({VOCAB_SIZE} ids with "
+                                  f"{BOS} = {VOCAB_SIZE - 2} and {EOS} = {VOCAB_SIZE - 1})")
+    return vocab, merges  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=8)
+def _backend(folder: str | None = None):
+    """The ``tokenizers`` pipeline for CLIP's BPE, built once per process from the shipped merges (or from a
+    tokenizer folder's files)."""
     try:
         from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
     except ImportError as exc:  # pragma: no cover - the models extra installs it
         raise ImportError("CLIP tokenization needs the 'tokenizers' package: pip install 'nodegraph[models]'") from exc
-    merges = read_merges()
-    tok = Tokenizer(models.BPE(vocab=clip_vocab(merges), merges=merges, end_of_word_suffix="</w>",
+    if folder is None:
+        merges = read_merges()
+        vocab = clip_vocab(merges)
+    else:
+        vocab, merges = folder_files(folder)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>",
                                continuing_subword_prefix="", unk_token=EOS, fuse_unk=False))
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
                                            normalizers.Lowercase()])

@@ -247,26 +247,31 @@ class AutoencoderKL(nn.Module):
 
     def tiled_decode(self, z: Tensor, tile: int, overlap: int) -> Tensor:
         """Decode in ``tile`` x ``tile`` latent pieces overlapping by ``overlap`` latent pixels, blended."""
-        if tile < 1 or not 0 <= overlap < tile:
-            raise ValueError(f"need tile >= 1 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
-        n, _, h, w = z.shape
-        if h <= tile and w <= tile:
-            return self.decode(z)
-        f = self.config.downsample_factor
-        out = weight = None
-        for y in _tile_starts(h, tile, overlap):
-            for x in _tile_starts(w, tile, overlap):
-                piece = self.decode(z[..., y : y + tile, x : x + tile])  # (N, C, th*f, tw*f)
-                if out is None:
-                    out = piece.new_zeros(n, piece.shape[1], h * f, w * f)
-                    weight = piece.new_zeros(1, 1, h * f, w * f)
-                ramp_y = _ramp(piece.shape[-2], overlap * f, y > 0, y + tile < h, piece)  # (th*f,)
-                ramp_x = _ramp(piece.shape[-1], overlap * f, x > 0, x + tile < w, piece)  # (tw*f,)
-                ramp = ramp_y[:, None] * ramp_x[None, :]  # (th*f, tw*f)
-                region = (..., slice(y * f, y * f + piece.shape[-2]), slice(x * f, x * f + piece.shape[-1]))
-                out[region] += piece * ramp
-                weight[region] += ramp
-        return out / weight
+        return tiled_decode(self.decode, z, tile, overlap, self.config.downsample_factor)
+
+
+def tiled_decode(decode, z: Tensor, tile: int, overlap: int, f: int) -> Tensor:
+    """``decode`` (latent -> image, ``f`` pixels per latent pixel) applied in ``tile`` x ``tile`` latent pieces
+    overlapping by ``overlap`` latent pixels, blended linearly across the overlaps."""
+    if tile < 1 or not 0 <= overlap < tile:
+        raise ValueError(f"need tile >= 1 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
+    n, _, h, w = z.shape
+    if h <= tile and w <= tile:
+        return decode(z)
+    out = weight = None
+    for y in _tile_starts(h, tile, overlap):
+        for x in _tile_starts(w, tile, overlap):
+            piece = decode(z[..., y : y + tile, x : x + tile])  # (N, C, th*f, tw*f)
+            if out is None:
+                out = piece.new_zeros(n, piece.shape[1], h * f, w * f)
+                weight = piece.new_zeros(1, 1, h * f, w * f)
+            ramp_y = _ramp(piece.shape[-2], overlap * f, y > 0, y + tile < h, piece)  # (th*f,)
+            ramp_x = _ramp(piece.shape[-1], overlap * f, x > 0, x + tile < w, piece)  # (tw*f,)
+            ramp = ramp_y[:, None] * ramp_x[None, :]  # (th*f, tw*f)
+            region = (..., slice(y * f, y * f + piece.shape[-2]), slice(x * f, x * f + piece.shape[-1]))
+            out[region] += piece * ramp
+            weight[region] += ramp
+    return out / weight
 
 
 def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:

@@ -44,8 +44,15 @@ def test_vocabulary_layout():
     assert len(vocab) == VOCAB_SIZE == 49408
     assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
     symbols = byte_symbols()
-    assert len(set(symbols)) == 256 and symbols[ord("a")] == "a" and symbols[ord(" ")] == "Ġ"
-    assert vocab["a</w>"] == 256 + ord("a")
+    assert len(set(symbols.values())) == 256 and symbols[ord("a")] == "a" and symbols[ord(" ")] == "Ġ"
+    # CLIP's published ids (the vocabulary order of its reference tokenizer: printable bytes first)
+    assert vocab["!"] == 0 and vocab["a"] == 64 and vocab["a</w>"] == 320 and vocab["Ġ"] == 220
+
+
+def test_known_ids_of_clips_reference_vocabulary():
+    """"a photo of a cat" is [320, 1125, 539, 320, 2368] in every CLIP text encoder's vocabulary."""
+    assert ClipTokenizer().encode("a photo of a cat") == [320, 1125, 539, 320, 2368]
+    assert ClipTokenizer().encode("!") == [256]  # "!</w>": 256 + 0
 
 
 def test_ids_equal_transformers_on_varied_prompts(reference):

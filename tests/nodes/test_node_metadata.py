@@ -47,8 +47,10 @@ def test_a_linked_literal_makes_the_cost_unknown(registry) -> None:
 def test_optional_modules_are_declared(registry) -> None:
     assert registry.get("mesh.save").requires == ("open3d",)
     assert registry.get("mesh.marching_cubes").requires == ("skimage",)
+    assert registry.get("checkpoint.load").requires == ("diffusers", "transformers", "tokenizers")
     unexpected = {d.type_id: d.requires for d in registry if d.pack == "builtin" and d.requires
-                  and d.type_id not in ("mesh.save", "mesh.marching_cubes")}
+                  and d.type_id not in ("mesh.save", "mesh.marching_cubes", "checkpoint.load",
+                                        "checkpoint.load_controlnet")}
     assert not unexpected
 
 
