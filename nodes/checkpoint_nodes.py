@@ -19,7 +19,7 @@ known here, a missing tokenizer file).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,7 +29,8 @@ from nodegraph.roots import ModelNotFound, ModelRoots
 from nodegraph.types import Var
 
 from .checkpoints.controlnet import ControlNetDetected, resolve_controlnet
-from .checkpoints.families import CheckpointFormatError, Detected, detect
+from .checkpoints.families import (CheckpointFormatError, Component, Detected, detect, detect_text, detect_unet,
+                                   detect_vae)
 from .checkpoints.header import WeightsError, refuse_pickle
 from .model_nodes import DType, InputError, shipped_roots
 
@@ -343,3 +344,130 @@ def load_checkpoint_controlnet(
         return load_controlnet(det, getattr(torch, dtype))
     except (LoadError, WeightsError, ValueError) as exc:
         raise InputError(str(exc), code="bad_checkpoint", port="name") from None
+
+
+# -- components: a U-Net, a VAE or text encoders stored on their own (ComfyUI's UNETLoader, VAELoader, CLIPLoader)
+
+FamilyName = Literal["sd1", "sd2", "sdxl", "sdxl-refiner"]
+
+
+def _component(kind: str, literals: dict[str, Any], roots: ModelRoots | None) -> Component:
+    roots = shipped_roots() if roots is None else roots
+    folder = {"unet": "diffusion_models", "vae": "vae", "clip": "text_encoders"}[kind]
+    names = [literals["name"]] + ([literals["name2"]] if literals.get("name2") else [])
+    paths = []
+    for port, name in zip(("name", "name2"), names):
+        try:
+            paths.append(roots.resolve(name, folder, want="file" if kind == "clip" else "any"))
+            refuse_pickle(paths[-1])
+        except ModelNotFound as exc:
+            raise InputError(str(exc), code=exc.code, port=port, hint=exc.hint) from None
+        except WeightsError as exc:
+            raise InputError(str(exc), code="bad_checkpoint", port=port) from None
+    try:
+        if kind == "unet":
+            found = detect_unet(names[0], paths[0], literals.get("family", "auto"), literals.get("prediction", "auto"))
+        elif kind == "vae":
+            found = detect_vae(names[0], paths[0], literals.get("family", "auto"))
+        else:
+            found = detect_text(names, paths, literals.get("family", "sd1"))
+    except (CheckpointFormatError, WeightsError) as exc:
+        raise InputError(str(exc), code="bad_checkpoint", port="name") from None
+    return replace(found, key=_key(literals))
+
+
+def _component_hooks(kind: str, types) -> dict[str, Any]:
+    def ref(literals: dict[str, Any], ctx: Context | None) -> Component:
+        resolved = getattr(ctx, "resolved", None)
+        if isinstance(resolved, Component) and resolved.key == _key(literals):
+            return resolved
+        return _component(kind, literals, getattr(ctx, "models", None))
+
+    def resolve(literals: dict[str, Any], ctx: Context) -> Component:
+        return _component(kind, literals, ctx.models)
+
+    def fingerprint(literals: dict[str, Any], ctx: Context) -> list:
+        comp = ref(literals, ctx)
+        headers = [comp.header] if comp.header is not None else [p.header for p in comp.text]
+        files = sorted({f for h in headers for f in h.files})
+        return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+    return {"resolve": resolve, "refine": lambda lit, ctx: types(ref(lit, ctx)), "fingerprint": fingerprint,
+            "requires": ("diffusers",) if kind != "clip" else ("transformers", "tokenizers")}, ref
+
+
+def _key(literals: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, v) for k, v in literals.items() if k in ("name", "name2", "family", "prediction")))
+
+
+_unet_hooks, _unet_ref = _component_hooks("unet", lambda c: {"model": T.Denoiser(
+    space=c.family.space, channels=int(c.config.get("out_channels", 4)),
+    context_dim=int(c.config["cross_attention_dim"]), family=c.family.name)})
+_vae_hooks, _vae_ref = _component_hooks("vae", lambda c: {"vae": T.VAE(
+    space=c.family.space, channels=int(c.config.get("latent_channels", 4)))})
+_clip_hooks, _clip_ref = _component_hooks("clip", lambda c: {"clip": T.TextEncoder(
+    dim=sum(int(p.config["hidden_size"]) for p in c.text), family=c.family.name)})
+
+
+@node("checkpoint.load_unet", category="model", output="model", **_unet_hooks)
+def load_unet(name: Annotated[str, Field(description="a U-Net in diffusion_models/: a .safetensors file or a "
+                                                     "diffusers unet folder")],
+              family: Literal["auto", "sd1", "sd2", "sdxl", "sdxl-refiner"] = "auto", prediction: Prediction = "auto",
+              dtype: DType = "float32", ctx: Context = None) -> T.Denoiser:
+    """Load a Stable Diffusion U-Net stored on its own (ComfyUI's UNETLoader); the family is detected from its
+    shapes unless given, its scheduler is the family's standard one."""
+    import torch
+
+    from .checkpoints import handles
+    from .checkpoints.load import LoadError, unet_from
+
+    comp = _unet_ref({"name": name, "family": family, "prediction": prediction}, ctx)
+    try:
+        net = unet_from(comp.config, comp.header, comp.prefix, comp.layout, getattr(torch, dtype))
+    except (LoadError, WeightsError, ValueError) as exc:
+        raise InputError(str(exc), code="bad_checkpoint", port="name") from None
+    info = handles.DenoiserInfo(prediction=comp.prediction, train_schedule="sd15", latent_space=comp.family.space,
+                                interpolation="linear")
+    sched = comp.scheduler
+    return handles.UNetDenoiser(net, info, handles.train_schedule(sched), handles.sampling_defaults(sched),
+                                comp.family.name, 8, comp.family.time_ids)
+
+
+@node("checkpoint.load_vae", category="model", output="vae", **_vae_hooks)
+def load_sd_vae(name: Annotated[str, Field(description="a VAE in vae/: a .safetensors file or a diffusers folder")],
+                family: Literal["auto", "sd1", "sd2", "sdxl"] = "auto", dtype: DType = "float32",
+                ctx: Context = None) -> T.VAE:
+    """Load a Stable Diffusion VAE stored on its own (ComfyUI's VAELoader). A file does not say whether it is an
+    SD1.x/2.x or an SDXL VAE (same architecture, another latent scale): ``auto`` takes SDXL when the file name says
+    "xl"; set ``family`` otherwise."""
+    import torch
+
+    from .checkpoints import handles
+    from .checkpoints.load import LoadError, vae_from
+
+    comp = _vae_ref({"name": name, "family": family}, ctx)
+    try:
+        net = vae_from(comp.config, comp.header, comp.prefix, comp.layout, getattr(torch, dtype))
+    except (LoadError, WeightsError, ValueError) as exc:
+        raise InputError(str(exc), code="bad_checkpoint", port="name") from None
+    return handles.KLVAE(net, comp.family.space)
+
+
+@node("checkpoint.load_clip", category="model", output="clip", **_clip_hooks)
+def load_clip(name: Annotated[str, Field(description="a text encoder in text_encoders/ (.safetensors)")],
+              name2: Annotated[str, Field(description="SDXL: the second encoder (OpenCLIP bigG)")] = "",
+              family: FamilyName = "sd1", dtype: DType = "float32", ctx: Context = None) -> T.TextEncoder:
+    """Load text encoders stored on their own (ComfyUI's CLIPLoader / DualCLIPLoader): one file per tower of the
+    family (SDXL: CLIP-L in ``name``, OpenCLIP bigG in ``name2``), encoded as the family's pipeline does."""
+    import torch
+
+    from .checkpoints import handles
+    from .checkpoints.load import LoadError, build_text
+
+    comp = _clip_ref({"name": name, "name2": name2, "family": family}, ctx)
+    try:
+        towers = [handles.Tower(build_text(p, getattr(torch, dtype)), handles.tokenizer_for(p), p.spec.layer,
+                                p.spec.final_norm, p.spec.pooled, p.spec.role) for p in comp.text]
+    except (LoadError, WeightsError, ValueError) as exc:
+        raise InputError(str(exc), code="bad_checkpoint", port="name") from None
+    return handles.ClipText(towers, comp.family.name, comp.family.time_ids)

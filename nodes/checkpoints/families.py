@@ -504,6 +504,7 @@ class Component:
     layout: Any = None  # the original-layout map's shape (UNetLayout / (levels, resnets)); None: diffusers names
     prediction: str = "eps"
     text: tuple[TextPart, ...] = ()
+    key: tuple = ()  # the loader literals it was resolved for
 
     @property
     def scheduler(self) -> dict[str, Any]:
@@ -538,6 +539,7 @@ def detect_unet(name: str, path: Path, family_name: str = "auto", prediction: st
     none) or a diffusers-named file."""
     from .keymaps import unet_map
 
+    prefix = ""
     if path.is_dir():
         header = read_header(component_weights(path, f"{name!r}"))
         config = plain_config(read_json(path / "config.json", f"{name!r}: config.json"), "unet")
@@ -546,8 +548,7 @@ def detect_unet(name: str, path: Path, family_name: str = "auto", prediction: st
         header = read_header(path)
         prefix = UNET_PREFIX if header.has_prefix(UNET_PREFIX) else ""
         if header.shape(prefix + "input_blocks.0.0.weight") is not None:
-            config, layout = unet_config(_strip_header(header, prefix), "")
-            header = _strip_header(header, prefix)
+            config, layout = unet_config(header, prefix)
         elif header.shape("conv_in.weight") is not None and header.has_prefix("down_blocks."):
             diff_layout = _diffusers_unet_layout(header)
             config, _ = unet_config(_renamed(header, unet_map(diff_layout).rename_back), "")
@@ -565,7 +566,7 @@ def detect_unet(name: str, path: Path, family_name: str = "auto", prediction: st
                                                                                         for c in channels]
         config["sample_size"] = fam.sample_size
     pred = prediction if prediction in ("eps", "v") else ("v" if fam.name == "sd2" else "eps")
-    return Component(name, path, fam, config, header, "", layout, pred)
+    return Component(name, path, fam, config, header, prefix, layout, pred)
 
 
 def _strip_header(header: Header, prefix: str) -> Header:
@@ -592,14 +593,15 @@ def detect_vae(name: str, path: Path, family_name: str = "auto") -> Component:
         return Component(name, path, fam, config, read_header(component_weights(path, f"{name!r}")))
     fam = family(family_name)
     header = read_header(path)
-    header = _strip_header(header, VAE_PREFIX) if header.has_prefix(VAE_PREFIX) else header
-    if header.has_prefix("encoder.down."):
-        config, shape = vae_config(header, "", fam.vae_scale)
-        return Component(name, path, fam, config, header, "", shape)
-    if header.has_prefix("encoder.down_blocks."):
-        levels, per = _count(header, "encoder.down_blocks"), _count(header, "encoder.down_blocks.0.resnets")
-        config, _ = vae_config(_renamed(header, vae_map(levels, per).rename_back), "", fam.vae_scale)
-        return Component(name, path, fam, config, header)
+    prefix = VAE_PREFIX if header.has_prefix(VAE_PREFIX) else ""
+    view = _strip_header(header, prefix)
+    if view.has_prefix("encoder.down."):
+        config, shape = vae_config(view, "", fam.vae_scale)
+        return Component(name, path, fam, config, header, prefix, shape)
+    if view.has_prefix("encoder.down_blocks."):
+        levels, per = _count(view, "encoder.down_blocks"), _count(view, "encoder.down_blocks.0.resnets")
+        config, _ = vae_config(_renamed(view, vae_map(levels, per).rename_back), "", fam.vae_scale)
+        return Component(name, path, fam, config, header, prefix)
     raise CheckpointFormatError(f"{name!r} is not a VAE of a known layout (encoder.down.* or encoder.down_blocks.*)")
 
 
@@ -617,11 +619,12 @@ def detect_text(names: list[str], paths: list[Path], family_name: str) -> Compon
         if not (openclip or hf):
             raise CheckpointFormatError(f"{name!r} is not a CLIP text encoder (text_model.* or "
                                         "transformer.resblocks.* tensors)")
-        if hf and not header.has_prefix("text_model."):
-            header = Header({f"text_model.{k}" if not k.startswith("text_projection") else k: v
-                             for k, v in header.tensors.items()}, header.metadata, header.files)
+        view = header
+        if hf and not header.has_prefix("text_model."):  # transformers 5's own CLIPTextModel names
+            view = Header({f"text_model.{k}" if not k.startswith("text_projection") else k: v
+                           for k, v in header.tensors.items()}, header.metadata, header.files)
         from dataclasses import replace
 
         spec = replace(spec, layout="openclip" if openclip else "clip", drop_last=spec.drop_last and openclip)
-        parts.append(TextPart(spec, text_config(header, "", spec), "", header))
+        parts.append(TextPart(spec, text_config(view, "", spec), "", header))
     return Component(names[0], paths[0], fam, {}, None, text=tuple(parts))

@@ -154,8 +154,8 @@ def build_text(part: TextPart, dtype: torch.dtype | None = None) -> nn.Module:
     with torch.device("meta"):
         model = cls(config)
     what = part.spec.role.replace("_", " ")
-    if part.prefix:  # a single file
-        raw = _component(part.header, part.prefix, dtype)
+    if part.tokenizer is None:  # a single file (a whole checkpoint's tower under its prefix, or a component file)
+        raw = _component(part.header, part.prefix, dtype) if part.prefix else load_tensors(part.header, dtype=dtype)
         if part.spec.layout == "openclip":
             layers = config.num_hidden_layers
             keymap = openclip_map(layers, projection=with_projection)

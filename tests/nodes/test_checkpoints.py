@@ -302,3 +302,55 @@ def test_a_lora_for_another_family_is_a_validation_error_naming_both(sd_root, en
     errors = [i for i in result.issues if i.node == "lora"]
     assert errors and errors[0].code == "type_mismatch"
     assert "sdxl" in errors[0].message and "sd1" in errors[0].message
+
+
+# -- components stored on their own (diffusion_models/, vae/, text_encoders/) -----------------------------------
+
+
+def _components_graph(family: str, unet: str, vae: str, clips: list[str]) -> dict:
+    g = graph()
+    nodes = g["nodes"]
+    nodes["unet"] = {"type": "checkpoint.load_unet", "inputs": {"name": unet}}
+    nodes["vae"] = {"type": "checkpoint.load_vae", "inputs": {"name": vae}}
+    nodes["clip"] = {"type": "checkpoint.load_clip", "inputs": {"name": clips[0], "family": family,
+                                                               **({"name2": clips[1]} if len(clips) > 1 else {})}}
+    del nodes["checkpoint"]
+    renames = {"model": ("unet", "model"), "vae": ("vae", "vae"), "clip": ("clip", "clip")}
+    for spec in nodes.values():
+        for port, value in spec["inputs"].items():
+            if isinstance(value, dict) and value.get("node") == "checkpoint":
+                spec["inputs"][port] = dict(zip(("node", "output"), renames[value["output"]]))
+    return g
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_components_on_their_own_give_the_checkpoints_image(family, sd_root, engine):
+    from safetensors.torch import load_file, save_file
+
+    from .sd_fixtures import hf_names
+
+    root, cks = sd_root
+    ck = cks[family]
+    raw = load_file(str(ck.file))
+    for sub in ("diffusion_models", "vae", "text_encoders"):
+        (root / sub).mkdir(exist_ok=True)
+    # a U-Net in the original layout with its prefix, a VAE in diffusers' names, text encoders in both layouts
+    save_file({k: v for k, v in raw.items() if k.startswith("model.diffusion_model.")},
+              str(root / "diffusion_models" / f"{family}-unet.safetensors"))
+    save_file({k: v.contiguous() for k, v in ck.pipe.vae.state_dict().items()},
+              str(root / "vae" / f"{family}-vae.safetensors"))
+    clips = [f"{family}-clip-l.safetensors"]
+    save_file(hf_names(ck.pipe.text_encoder.state_dict()), str(root / "text_encoders" / clips[0]))
+    if family == "sdxl":
+        prefix = "conditioner.embedders.1.model."
+        clips.append("sdxl-clip-g.safetensors")
+        save_file({k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)},
+                  str(root / "text_encoders" / clips[1]))
+    g = _components_graph(family, f"{family}-unet.safetensors", f"{family}-vae.safetensors", clips)
+    result = engine.validate(g, {"vae.family": family})
+    assert result.ok, result.issues
+    assert result.scope.nodes["unet"].output_types["model"].param("family") == family
+    run = {**SETTINGS, "prompt.text": PROMPT, "vae.family": family}
+    out = engine.run(g, run).outputs["image"]
+    whole = engine.run(graph(), {**SETTINGS, "prompt.text": PROMPT, "checkpoint.name": ck.file.name}).outputs["image"]
+    assert (out - whole).abs().max() <= 1e-6
