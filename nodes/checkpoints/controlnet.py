@@ -36,10 +36,11 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from .families import CheckpointFormatError, Family, component_weights, family, plain_config, read_json
+from .families import (CheckpointFormatError, Family, component_weights, count, indices, plain_config, read_json,
+                       unet_family)
 from .header import Header, load_tensors, read_header, refuse_pickle
 from .keymaps import UNetLayout, unet_map
-from .load import _converted, assign, diffusers
+from .load import assign, converted, diffusers
 
 KNOWN = "ControlNets for SD1.x, SD2.x and SDXL (a diffusers ControlNetModel folder, or one .safetensors file in " \
         "the original or diffusers layout)"
@@ -77,18 +78,10 @@ class ControlNetDetected:
 
 
 def family_of(name: str, config: Mapping[str, Any]) -> Family:
-    """The SD family a ``ControlNetModel`` config is for (cross-attention width and added embedding)."""
-    ctx, added = config.get("cross_attention_dim"), config.get("addition_embed_type")
-    if added == "text_time":
-        fam = "sdxl" if ctx == 2048 else None
-    elif added is None and config.get("class_embed_type") is None:
-        fam = {768: "sd1", 1024: "sd2"}.get(ctx)
-    else:
-        fam = None
-    if fam is None:
-        raise CheckpointFormatError(f"{name!r} is a ControlNet of an unknown family (cross-attention width {ctx}"
-                                    f"{', added embedding ' + str(added) if added else ''}); known: {KNOWN}")
-    return family(fam)
+    """The SD family a ``ControlNetModel`` config is for (as a U-Net's: cross-attention width, added embedding)."""
+    if config.get("class_embed_type") is not None:
+        raise CheckpointFormatError(f"{name!r} is a ControlNet with a class embedding, of no known family")
+    return unet_family(name, config)
 
 
 # -- detection -----------------------------------------------------------------------------------------------
@@ -160,7 +153,7 @@ def ldm_layout(name: str, header: Header, p: str) -> UNetLayout:
     """What the ldm key map needs, from the ``input_blocks`` names: a ``.0.op`` block starts the next level, a
     ``.1`` module in a block is its attention."""
     levels: list[list[bool]] = [[]]
-    for k in _indices(header, p + "input_blocks"):
+    for k in indices(header, p + "input_blocks"):
         if k == 0:
             continue
         if header.has_prefix(f"{p}input_blocks.{k}.0.op."):
@@ -185,14 +178,14 @@ def config_from_shapes(name: str, header: Header) -> dict[str, Any]:
                                         f"layout); known: {KNOWN}")
         return found
 
-    levels = _indices(header, "down_blocks")
-    per = _count(header, "down_blocks.0.resnets")
+    levels = indices(header, "down_blocks")
+    per = count(header, "down_blocks.0.resnets")
     if not levels or per == 0 or levels != list(range(len(levels))):
         raise CheckpointFormatError(f"{name!r}: no ControlNet down blocks; known: {KNOWN}")
     channels, depths = [], []
     for i in levels:
         channels.append(shape(f"down_blocks.{i}.resnets.{per - 1}.conv2.weight")[0])
-        depth = {_count(header, f"down_blocks.{i}.attentions.{j}.transformer_blocks") for j in range(per)}
+        depth = {count(header, f"down_blocks.{i}.attentions.{j}.transformer_blocks") for j in range(per)}
         if len(depth) != 1:
             raise CheckpointFormatError(f"{name!r}: ControlNet level {i} attends in some blocks only or at "
                                         "different depths; not a known layout")
@@ -207,7 +200,7 @@ def config_from_shapes(name: str, header: Header) -> dict[str, Any]:
         raise CheckpointFormatError(f"{name!r}: ControlNet time embedding of a width other than 4 x "
                                     f"{channels[0]}; not a known layout")
     hint = [shape("controlnet_cond_embedding.conv_in.weight")[0]]
-    blocks = _count(header, "controlnet_cond_embedding.blocks")
+    blocks = count(header, "controlnet_cond_embedding.blocks")
     hint += [shape(f"controlnet_cond_embedding.blocks.{2 * i + 1}.weight")[0] for i in range(blocks // 2)]
     config: dict[str, Any] = {
         "in_channels": shape("conv_in.weight")[1],
@@ -225,15 +218,6 @@ def config_from_shapes(name: str, header: Header) -> dict[str, Any]:
     if added is not None:
         config.update(addition_embed_type="text_time", projection_class_embeddings_input_dim=added[1])
     return config
-
-
-def _indices(header: Header, prefix: str) -> list[int]:
-    pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
-    return sorted({int(m.group(1)) for n in header.tensors if (m := pat.match(n))})
-
-
-def _count(header: Header, prefix: str) -> int:
-    return len(_indices(header, prefix))
 
 
 def _printable(keys: list[str]) -> list[str]:
@@ -262,7 +246,7 @@ def load_controlnet(det: ControlNetDetected, dtype: torch.dtype | None = None) -
     else:
         raw = load_tensors(det.header, det.header.names(det.prefix), dtype)
         raw = {k[len(det.prefix):]: v for k, v in raw.items()}
-        state = _converted(raw, unet_map(det.layout, controlnet=True), "ControlNet")
+        state = converted(raw, unet_map(det.layout, controlnet=True), "ControlNet")
     return CheckpointControlNet(assign(model, state, "ControlNet"), det.family)
 
 

@@ -145,7 +145,7 @@ def detect_file(name: str, path: Path, prediction: str = "auto") -> Detected:
         raise CheckpointFormatError(f"{name!r} is not a checkpoint of a known layout ({_guess_other(header)}); "
                                     f"known: {KNOWN}")
     unet, layout = unet_config(header, UNET_PREFIX)
-    fam = _family_of(name, unet, header)
+    fam = unet_family(name, unet, header)
     heads = fam.unet_heads
     channels = list(unet["block_out_channels"])
     unet["attention_head_dim"] = heads["value"] if heads["rule"] == "fixed" else [c // heads["value"] for c in channels]
@@ -179,7 +179,8 @@ def _guess_other(header: Header) -> str:
     return "no model.diffusion_model.* tensors"
 
 
-def _family_of(name: str, unet: Mapping[str, Any], header: Header | None) -> Family:
+def unet_family(name: str, unet: Mapping[str, Any], header: Header | None = None) -> Family:
+    """The family a diffusers U-Net (or ControlNet) config is for: cross-attention width and added embedding."""
     ctx, adm = unet["cross_attention_dim"], unet.get("projection_class_embeddings_input_dim")
     if unet.get("addition_embed_type") == "text_time":
         fam = "sdxl" if ctx == 2048 else "sdxl-refiner" if ctx == 1280 else None
@@ -201,7 +202,7 @@ def _prediction(prediction: str, fam: Family, header: Header) -> str:
     return "v" if fam.name == "sd2" else "eps"
 
 
-def _count(header: Header, prefix: str) -> int:
+def count(header: Header, prefix: str) -> int:
     """How many consecutive integer children ``prefix.0``, ``prefix.1``, ... a header has."""
     found = set()
     pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
@@ -212,7 +213,7 @@ def _count(header: Header, prefix: str) -> int:
     return len(found)
 
 
-def _indices(header: Header, prefix: str) -> list[int]:
+def indices(header: Header, prefix: str) -> list[int]:
     pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
     return sorted({int(m.group(1)) for n in header.tensors if (m := pat.match(n))})
 
@@ -228,7 +229,7 @@ def unet_config(header: Header, p: str) -> tuple[dict[str, Any], UNetLayout]:
     """A diffusers ``UNet2DConditionModel`` config (without heads and sample size) from ldm-layout shapes."""
     conv_in = _shape(header, p + "input_blocks.0.0.weight")
     levels: list[dict[str, Any]] = [{"channels": None, "depths": []}]
-    for k in _indices(header, p + "input_blocks"):
+    for k in indices(header, p + "input_blocks"):
         if k == 0:
             continue
         if header.shape(f"{p}input_blocks.{k}.0.op.weight") is not None:
@@ -239,7 +240,7 @@ def unet_config(header: Header, p: str) -> tuple[dict[str, Any], UNetLayout]:
         if level["channels"] not in (None, out):
             raise CheckpointFormatError(f"U-Net level {len(levels) - 1} changes width inside the level")
         level["channels"] = out
-        level["depths"].append(_count(header, f"{p}input_blocks.{k}.1.transformer_blocks"))
+        level["depths"].append(count(header, f"{p}input_blocks.{k}.1.transformer_blocks"))
     per = {len(lv["depths"]) for lv in levels}
     if len(per) != 1 or 0 in per:
         raise CheckpointFormatError(f"U-Net levels have different resnet counts; known: {KNOWN}")
@@ -254,10 +255,10 @@ def unet_config(header: Header, p: str) -> tuple[dict[str, Any], UNetLayout]:
     for up in range(len(levels)):
         depths = []
         for _ in range(layers_per_block + 1):
-            depths.append(_count(header, f"{p}output_blocks.{k}.1.transformer_blocks"))
+            depths.append(count(header, f"{p}output_blocks.{k}.1.transformer_blocks"))
             k += 1
         up_depths.append(depths)
-    mid_depth = _count(header, f"{p}middle_block.1.transformer_blocks")
+    mid_depth = count(header, f"{p}middle_block.1.transformer_blocks")
     if mid_depth == 0:
         raise CheckpointFormatError(f"U-Net without a middle attention block; known: {KNOWN}")
     attn_key = next((n for n in header.tensors if n.startswith(p) and n.endswith("attn2.to_k.weight")), None)
@@ -299,8 +300,8 @@ def _one(depths: list[int]) -> int:
 
 
 def vae_config(header: Header, p: str, scale: float) -> tuple[dict[str, Any], tuple[int, int]]:
-    levels = _count(header, p + "encoder.down")
-    per = _count(header, p + "encoder.down.0.block")
+    levels = count(header, p + "encoder.down")
+    per = count(header, p + "encoder.down.0.block")
     if levels == 0 or per == 0:
         raise CheckpointFormatError(f"VAE of an unknown layout; known: {KNOWN}")
     channels = [_shape(header, f"{p}encoder.down.{i}.block.{per - 1}.conv2.weight")[0] for i in range(levels)]
@@ -337,7 +338,7 @@ def text_config(header: Header, prefix: str, spec: TextSpec) -> dict[str, Any]:
     """A transformers ``CLIPTextConfig`` dict from a tower's shapes (transformers or OpenCLIP names)."""
     if spec.layout == "openclip":
         vocab, width = _shape(header, prefix + "token_embedding.weight")
-        layers = _count(header, prefix + "transformer.resblocks")
+        layers = count(header, prefix + "transformer.resblocks")
         mlp = _shape(header, prefix + "transformer.resblocks.0.mlp.c_fc.weight")[0]
         positions = _shape(header, prefix + "positional_embedding")[0]
         proj = header.shape(prefix + "text_projection")
@@ -345,7 +346,7 @@ def text_config(header: Header, prefix: str, spec: TextSpec) -> dict[str, Any]:
     else:
         base = prefix + "text_model."
         vocab, width = _shape(header, base + "embeddings.token_embedding.weight")
-        layers = _count(header, base + "encoder.layers")
+        layers = count(header, base + "encoder.layers")
         mlp = _shape(header, base + "encoder.layers.0.mlp.fc1.weight")[0]
         positions = _shape(header, base + "embeddings.position_embedding.weight")[0]
         proj = header.shape(prefix + "text_projection.weight")
@@ -453,7 +454,7 @@ def detect_folder(name: str, folder: Path, prediction: str = "auto") -> Detected
     for key in ("cross_attention_dim", "in_channels", "block_out_channels"):
         if key not in unet:
             raise CheckpointFormatError(f"{name!r}: unet/config.json lacks {key}; known: {KNOWN}")
-    fam = _family_of(name, unet, None)
+    fam = unet_family(name, unet, None)
     vae = plain_config(read_json(folder / "vae" / "config.json", f"{name!r}: the VAE config"), "vae")
     vae.setdefault("scaling_factor", fam.vae_scale)
     sched = read_json(folder / "scheduler" / "scheduler_config.json", f"{name!r}: the scheduler config")
@@ -526,11 +527,11 @@ def _renamed(header: Header, rename) -> Header:
 
 
 def _diffusers_unet_layout(header: Header) -> UNetLayout:
-    levels = _count(header, "down_blocks")
+    levels = count(header, "down_blocks")
     if levels == 0:
         raise CheckpointFormatError(f"a U-Net of an unknown layout; known: {KNOWN}")
     attention = tuple(header.has_prefix(f"down_blocks.{i}.attentions.") for i in range(levels))
-    return UNetLayout(attention, _count(header, "down_blocks.0.resnets"),
+    return UNetLayout(attention, count(header, "down_blocks.0.resnets"),
                       time_cond=header.shape("add_embedding.linear_1.weight") is not None)
 
 
@@ -558,7 +559,7 @@ def detect_unet(name: str, path: Path, family_name: str = "auto", prediction: st
                                         f"known: {KNOWN}")
         if config.get("addition_embed_type") == "text_time":
             config["addition_time_embed_dim"] = 256  # sgm's size/crop embedding width (not in any tensor shape)
-    fam = family(family_name) if family_name != "auto" else _family_of(name, config, None)
+    fam = family(family_name) if family_name != "auto" else unet_family(name, config, None)
     if not path.is_dir():
         heads = fam.unet_heads
         channels = list(config["block_out_channels"])
@@ -599,7 +600,7 @@ def detect_vae(name: str, path: Path, family_name: str = "auto") -> Component:
         config, shape = vae_config(view, "", fam.vae_scale)
         return Component(name, path, fam, config, header, prefix, shape)
     if view.has_prefix("encoder.down_blocks."):
-        levels, per = _count(view, "encoder.down_blocks"), _count(view, "encoder.down_blocks.0.resnets")
+        levels, per = count(view, "encoder.down_blocks"), count(view, "encoder.down_blocks.0.resnets")
         config, _ = vae_config(_renamed(view, vae_map(levels, per).rename_back), "", fam.vae_scale)
         return Component(name, path, fam, config, header, prefix)
     raise CheckpointFormatError(f"{name!r} is not a VAE of a known layout (encoder.down.* or encoder.down_blocks.*)")

@@ -100,7 +100,7 @@ def assign(model: nn.Module, state: dict[str, Tensor], what: str) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def _converted(state: dict[str, Tensor], keymap: KeyMap, what: str,
+def converted(state: dict[str, Tensor], keymap: KeyMap, what: str,
                ignore: tuple[str, ...] = ()) -> dict[str, Tensor]:
     out, unmatched = keymap.to_ours(state)
     unmatched = [k for k in unmatched if not k.endswith(IGNORED_SUFFIXES) and not k.startswith(ignore)]
@@ -123,7 +123,7 @@ def unet_from(config: Mapping[str, Any], header: Header, prefix: str, layout: An
         model = d.UNet2DConditionModel.from_config(dict(config))
     state = _component(header, prefix, dtype) if prefix else load_tensors(header, dtype=dtype)
     if layout is not None:
-        state = _converted(state, unet_map(layout), "U-Net")
+        state = converted(state, unet_map(layout), "U-Net")
     return assign(model, state, "U-Net")
 
 
@@ -142,7 +142,7 @@ def vae_from(config: Mapping[str, Any], header: Header, prefix: str, shape: tupl
         model = d.AutoencoderKL.from_config(dict(config))
     state = _component(header, prefix, dtype) if prefix else load_tensors(header, dtype=dtype)
     if shape is not None:
-        state = _converted(state, vae_map(*shape), "VAE")
+        state = converted(state, vae_map(*shape), "VAE")
     return assign(model, state, "VAE")
 
 
@@ -160,11 +160,11 @@ def build_text(part: TextPart, dtype: torch.dtype | None = None) -> nn.Module:
             layers = config.num_hidden_layers
             keymap = openclip_map(layers, projection=with_projection)
             dropped = (f"transformer.resblocks.{layers}.",) if part.spec.drop_last else ()
-            state = _converted(raw, keymap, what, ignore=dropped + (() if with_projection else ("text_projection",)))
+            state = converted(raw, keymap, what, ignore=dropped + (() if with_projection else ("text_projection",)))
         else:
             if not any(k.startswith("text_model.") for k in raw):  # older transformers names, no text_model.
                 raw = {f"text_model.{k}" if not k.startswith("text_projection") else k: v for k, v in raw.items()}
-            state = _converted(raw, hf_clip_map(), what, ignore=("text_projection",) if not with_projection else ())
+            state = converted(raw, hf_clip_map(), what, ignore=("text_projection",) if not with_projection else ())
     else:
         state = load_tensors(part.header, dtype=dtype)
         if not with_projection:

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
 
 pytest.importorskip("tokenizers")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 from nodes.checkpoints.tokenizer import VOCAB_SIZE, ClipTokenizer, byte_symbols, clip_vocab, read_merges  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    merges = read_merges()
+    from .sd_fixtures import clip_tokenizer, tokenizer_files
+
     folder = tmp_path_factory.mktemp("clip_tok")
-    (folder / "vocab.json").write_text(json.dumps(clip_vocab(merges)))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-    return transformers.CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    tokenizer_files(folder, "<|endoftext|>")
+    return clip_tokenizer(folder)
 
 
 def prompts(n: int, seed: int = 0) -> list[str]:

@@ -10,7 +10,6 @@ import os
 
 os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DIFFUSERS_OFFLINE="1")
 
-import json  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -23,7 +22,6 @@ pytest.importorskip("peft")
 from nodes.checkpoints.keymaps import UNetLayout, unet_map  # noqa: E402
 from nodes.checkpoints.lora import (LoraError, LoraPatch, lora_family, merged_weights, module_names,  # noqa: E402
                                     parse_lora)
-from nodes.checkpoints.tokenizer import clip_vocab, read_merges  # noqa: E402
 
 RANK = 4
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -39,11 +37,11 @@ XL_LAYOUT = UNetLayout(attention=(False, True), layers_per_block=2, time_cond=Tr
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    merges = read_merges()
+    from .sd_fixtures import clip_tokenizer, tokenizer_files
+
     folder = tmp_path_factory.mktemp("clip_tok")
-    (folder / "vocab.json").write_text(json.dumps(clip_vocab(merges)))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-    return transformers.CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    tokenizer_files(folder, "<|endoftext|>")
+    return clip_tokenizer(folder)
 
 
 def clip(seed: int, projection: bool = False) -> nn.Module:

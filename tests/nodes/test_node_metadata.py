@@ -49,8 +49,9 @@ def test_optional_modules_are_declared(registry) -> None:
     assert registry.get("mesh.marching_cubes").requires == ("skimage",)
     assert registry.get("checkpoint.load").requires == ("diffusers", "transformers", "tokenizers")
     unexpected = {d.type_id: d.requires for d in registry if d.pack == "builtin" and d.requires
-                  and d.type_id not in ("mesh.save", "mesh.marching_cubes", "checkpoint.load",
-                                        "checkpoint.load_controlnet")}
+                  and d.type_id not in ("mesh.save", "mesh.marching_cubes") and not d.type_id.startswith("checkpoint.")}
+    checkpoint = {d.type_id: d.requires for d in registry if d.type_id.startswith("checkpoint.")}
+    assert checkpoint and all(set(r) <= {"diffusers", "transformers", "tokenizers"} and r for r in checkpoint.values())
     assert not unexpected
 
 
