@@ -98,6 +98,12 @@ def unet(family: str, in_channels: int = 4, seed: int = 0):
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048, attention_head_dim=[1, 2],
             transformer_layers_per_block=[1, 2], use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=256, projection_class_embeddings_input_dim=64 + 6 * 256, **common)
+    elif family == "sdxl-refiner":
+        net = diffusers.UNet2DConditionModel(
+            block_out_channels=(64, 128), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=1280, attention_head_dim=[1, 2],
+            transformer_layers_per_block=[1, 1], use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=256, projection_class_embeddings_input_dim=64 + 5 * 256, **common)
     else:
         raise ValueError(family)
     # random, not zero, output convolutions and norms everywhere: a tiny random U-Net otherwise outputs ~0
@@ -135,11 +141,21 @@ def build(family: str, root: Path, name: str | None = None, inpaint: bool = Fals
     folder, file = root / "diffusers" / name, root / "checkpoints" / f"{name}.safetensors"
     file.parent.mkdir(parents=True, exist_ok=True)
     net = unet(family, 9 if inpaint else 4)
-    sched_name = {"sd1": "sd1", "sd2": "sd2-v", "sdxl": "sdxl"}[family]
+    sched_name = {"sd1": "sd1", "sd2": "sd2-v", "sdxl": "sdxl", "sdxl-refiner": "sdxl"}[family]
     scheduler = diffusers.EulerDiscreteScheduler.from_config(scheduler_config(sched_name))
     state: dict[str, torch.Tensor] = {}
     state.update(original(net.state_dict(), unet_map(layout(net)), "model.diffusion_model."))
-    if family == "sdxl":
+    if family == "sdxl-refiner":  # OpenCLIP bigG alone; an img2img pipeline that takes the aesthetic score
+        autoencoder = vae(0.13025)
+        te2 = text_model(1280, 2, "gelu", 0, projection=64, seed=2)
+        tokenizer_files(folder / "tokenizer_2", "!")
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+            vae=autoencoder, text_encoder=None, text_encoder_2=te2, tokenizer=None,
+            tokenizer_2=clip_tokenizer(folder / "tokenizer_2"), unet=net, scheduler=scheduler,
+            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False, add_watermarker=False)
+        state.update(original(hf_names(te2.state_dict()), openclip_map(te2.config.num_hidden_layers, projection=True),
+                              "conditioner.embedders.0.model."))
+    elif family == "sdxl":
         autoencoder = vae(0.13025)
         te1 = text_model(768, 2, "quick_gelu", 49407, seed=1)
         te2 = text_model(1280, 2, "gelu", 0, projection=64, seed=2)

@@ -55,7 +55,7 @@ class Checkpoints:
 
     def __getitem__(self, key: str) -> Checkpoint:
         if key not in self._built:
-            family, _, kind = key.partition("-")
+            family, kind = (key[:-8], "inpaint") if key.endswith("-inpaint") else (key, "")
             self._built[key] = build(family, self.root, inpaint=kind == "inpaint")
         return self._built[key]
 
@@ -237,3 +237,22 @@ def test_an_ordinary_checkpoint_given_inpaint_conditioning_fails_naming_the_node
     err = info.value
     print(f"4-channel checkpoint with inpaint.condition: {err}")
     assert "sampler" in err.node
+
+
+def test_the_sdxl_refiner_takes_the_aesthetic_score_as_its_pipeline_does(checkpoints, engine):
+    ck = checkpoints["sdxl-refiner"]
+    image = load_image("blue_square_left.png")
+    latent = mean_latent(ck.pipe, image * 2 - 1)
+    pipe = ck.pipe
+    euler(pipe)
+    ref = pipe(PROMPT, negative_prompt="", image=latent, strength=STRENGTH, num_inference_steps=STEPS,
+               guidance_scale=SCALE, aesthetic_score=6.0, negative_aesthetic_score=2.5,
+               generator=torch.Generator("cpu").manual_seed(SEED), output_type="pt").images
+    result = engine.validate(graph("checkpoint_img2img.json"), {"checkpoint.name": ck.file.name})
+    assert result.ok and result.scope.nodes["checkpoint"].output_types["model"].param("family") == "sdxl-refiner"
+    for name in (ck.folder.name, ck.file.name):
+        out = engine.run(graph("checkpoint_img2img.json"), {**IMG2IMG, "checkpoint.name": name}).outputs["image"]
+        assert max_diff(out, ref) <= 1e-4, f"{name}: {max_diff(out, ref):.2e}"
+    other = engine.run(graph("checkpoint_img2img.json"),
+                       {**IMG2IMG, "checkpoint.name": ck.file.name, "prompt.aesthetic_score": 3.0}).outputs["image"]
+    assert max_diff(other, ref) > 1e-4  # the score reaches the U-Net
