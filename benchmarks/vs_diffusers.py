@@ -7,12 +7,15 @@ every timed pair of calls uses one seed, so each row also checks that the two im
 
 1. Wall time per sampling step: (t(N2) - t(N1)) / (N2 - N1), each t the minimum over the repeats of a whole call
    (a fresh seed each call, so ours never answers from its cache). Fixed costs (prompt encoding, decoding,
-   planning) cancel; the ratio ours / theirs is the step overhead (target <= 1.02x).
+   planning) cancel; the ratio ours / theirs is the step overhead (target <= 1.02x). Ours is measured twice: the
+   Engine as built (its thread pool) and its synchronous submit (``max_workers=1``, every step in the calling
+   thread), to tell the executor's threading from the sampler's own cost.
 2. Load + first call, and a second call that changes only the seed: ours re-executes only the seed's
    descendants (the nodes executed are listed, with the seconds each took), the pipeline re-encodes the prompt.
-3. Peak RSS (``ru_maxrss``) of one load + one generation, each in a fresh subprocess of this script (``--rss``):
-   ours from the folder, ours from the single file, the pipeline; also the RSS right after the imports, so the
-   model's share is visible (target ours / theirs <= 1.0x).
+3. Peak RSS of one load + one generation, each in a fresh subprocess of this script (``--rss``): ours from the
+   folder, ours from the single file, the pipeline; also the RSS right after the imports, so the model's share is
+   visible (target ours / theirs <= 1.0x). On Linux the peak is ``VmHWM``: ``ru_maxrss`` of a child carries over
+   its parent's peak (here the parent holds the models), so it would read the same number for every child.
 
 Rows: the tiny SD1.x, SD2.x (v) and SDXL checkpoints of ``tests/nodes/sd_fixtures.py`` (64x64, 4 vs 12 steps)
 and, with ``--real``, random weights in the real SD1.5 architecture (860M-parameter U-Net, the SD1.5 VAE,
@@ -21,7 +24,7 @@ CLIP ViT-L/14 text encoder; 512x512, 2 vs 3 steps, one repeat), written as a dif
 Run: ``python benchmarks/vs_diffusers.py [--quick | --real] [--repeats 3] [--threads N] [--cache DIR]``
 
 * ``--quick``: the tiny rows only (about 1-2 minutes on 2 CPU cores).
-* ``--real`` (the default): also the real-size row: about 4.5 GB of disk (folder 4.1 GB + file) and 10 GB of
+* ``--real`` (the default): also the real-size row: about 9 GB of disk (folder and file, 4.3 GB each) and 10 GB of
   memory, 15-20 minutes on 2 busy CPU cores (a few minutes on a 16-core machine); most of it is the 512x512
   U-Net and VAE calls (6 calls each side, 3 more in the RSS subprocesses).
 * ``--cache DIR``: build the real-size checkpoint in DIR and keep it (reused when already there); without it
@@ -90,15 +93,38 @@ def log(msg: str) -> None:
 # -- the two sides ---------------------------------------------------------------------------------------------
 
 
+def quiet() -> None:
+    """No progress bars or advisory warnings from the reference libraries (the table is the output)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def overrides(case: Case, steps: int, seed: int, name: str | None = None) -> dict:
     return {"checkpoint.name": name or case.name, "latent.width": case.size, "latent.height": case.size,
             "sigmas.steps": steps, "guidance.scale": SCALE, "noise.seed": seed, "prompt.text": PROMPT}
 
 
-def run_ours(engine: Engine, case: Case, steps: int, seed: int, name: str | None = None):
-    t0 = time.perf_counter()
-    result = engine.run(GRAPH, overrides(case, steps, seed, name))
-    return time.perf_counter() - t0, result.outputs["image"], result.report
+def run_ours(engine: Engine, case: Case, steps: int, seed: int, name: str | None = None, workers: int | None = None):
+    """One call; ``workers=1`` runs it on the engine's synchronous submit (every step in this thread)."""
+    default = engine.executor.max_workers
+    engine.executor.max_workers = workers or default
+    try:
+        t0 = time.perf_counter()
+        result = engine.run(GRAPH, overrides(case, steps, seed, name))
+        return time.perf_counter() - t0, result.outputs["image"], result
+    finally:
+        engine.executor.max_workers = default
+
+
+def forget(engine: Engine, result) -> None:
+    """Drop what a call computed from the cache, so that the next call with the same seed does the same work."""
+    for sid in result.report.executed:
+        engine.cache.evict(result.plan.steps[sid].key)
 
 
 def load_pipeline(case: Case):
@@ -120,81 +146,97 @@ def run_theirs(pipe, case: Case, steps: int, seed: int):
 
 # -- timing ----------------------------------------------------------------------------------------------------
 
+SIDES = ("ours", "ours sync", "diffusers")  # ours: the Engine as built (thread pool); sync: max_workers=1
+
 
 def bench_case(case: Case) -> list[tuple[str, str]]:
-    """Load + first call, then ``repeats`` calls at N1 (each a second call: only the seed changes), then at N2."""
+    """Load + first call, then ``repeats`` calls at N1 (each a second call: only the seed changes), then at N2.
+
+    Every call is made by the three sides in turn with the same seed (machine noise hits them alike)."""
     n1, n2 = case.steps
     engine = Engine(device="cpu", model_roots=[case.root])
-    t_ours, ours, report = run_ours(engine, case, n1, seed=0)
-    first_ours, first_nodes = t_ours, report.seconds
+    t_first, ours, first = run_ours(engine, case, n1, seed=0)
     t0 = time.perf_counter()
     pipe = load_pipeline(case)
-    load_theirs = time.perf_counter() - t0
+    t_load = time.perf_counter() - t0
     t_theirs, theirs = run_theirs(pipe, case, n1, seed=0)
-    first_theirs = load_theirs + t_theirs
-    diff = float((ours - theirs).abs().max())
-    times = {n: ([], []) for n in (n1, n2)}
-    second = []  # (seconds, report) of ours' seed-only calls
+    diff, std = float((ours - theirs).abs().max()), float(theirs.std())
+    times = {(side, n): [] for side in SIDES for n in (n1, n2)}
+    second = {side: [] for side in SIDES[:2]}  # (seconds, report) of ours' calls that change only the seed
     seed = 1
     for n in (n1, n2):
         for r in range(case.repeats):
-            t_ours, ours, report = run_ours(engine, case, n, seed)
-            t_theirs, theirs = run_theirs(pipe, case, n, seed)
-            diff = max(diff, float((ours - theirs).abs().max()))
-            times[n][0].append(t_ours)
-            times[n][1].append(t_theirs)
-            if n == n1:
-                second.append((t_ours, report))
+            got = {"ours": run_ours(engine, case, n, seed)}
+            forget(engine, got["ours"][2])
+            got["ours sync"] = run_ours(engine, case, n, seed, workers=1)
+            got["diffusers"] = run_theirs(pipe, case, n, seed)
+            for side, (t, image, *result) in got.items():
+                times[side, n].append(t)
+                diff = max(diff, float((image - got["diffusers"][1]).abs().max()))
+                if n == n1 and result:
+                    second[side].append((t, result[0].report))
             seed += 1
-            log(f"{case.label}: {n} steps, repeat {r + 1}: ours {t_ours:.3f} s, diffusers {t_theirs:.3f} s")
+            log(f"{case.label}: {n} steps, repeat {r + 1}: " + ", ".join(f"{k} {v[0]:.3f} s" for k, v in got.items()))
     del pipe, engine
-    best = {n: (min(o), min(t)) for n, (o, t) in times.items()}
-    per_ours = (best[n2][0] - best[n1][0]) / (n2 - n1)
-    per_theirs = (best[n2][1] - best[n1][1]) / (n2 - n1)
-    executed = sorted({s for _, rep in second for s in rep.executed})
-    t_second, rep = min(second, key=lambda p: p[0])
-    nodes = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in sorted(rep.seconds.items(), key=lambda kv: -kv[1]))
-    engine_s = t_second - sum(rep.seconds.values())
-    first = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in sorted(first_nodes.items(), key=lambda kv: -kv[1])[:3])
-    t_theirs_n1 = best[n1][1]
-    unit, k = ("ms", 1e3) if per_theirs < 1 else ("s", 1)
+    best = {key: min(v) for key, v in times.items()}
+    per = {side: (best[side, n2] - best[side, n1]) / (n2 - n1) for side in SIDES}
+    unit, k = ("ms", 1e3) if per["diffusers"] < 1 else ("s", 1)
     tag = f"{case.label}, {case.size}x{case.size}"
+    executed = sorted({s for side in second for _, rep in second[side] for s in rep.executed})
+    t_second = {side: min(t for t, _ in second[side]) for side in second}
+    _, rep = min(second["ours"], key=lambda p: p[0])
+    nodes = ", ".join(f"{s} {v * 1e3:.1f}" for s, v in sorted(rep.seconds.items(), key=lambda kv: -kv[1]))
+    engine_s = t_second["ours"] - sum(rep.seconds.values())
+    slowest = sorted(first.report.seconds.items(), key=lambda kv: -kv[1])[:3]
+    theirs_n1 = best["diffusers", n1]
     return [
         (f"{tag}: per step ({n1} vs {n2} steps, min of {case.repeats})",
-         f"ours {per_ours * k:.2f} {unit}, diffusers {per_theirs * k:.2f} {unit}, ratio {per_ours / per_theirs:.3f}x"),
-        (f"{tag}: images agree", f"max abs diff {diff:.1e} over {1 + 2 * case.repeats} seeds"),
+         f"ours {per['ours'] * k:.2f} {unit}, diffusers {per['diffusers'] * k:.2f} {unit}, "
+         f"ratio {per['ours'] / per['diffusers']:.3f}x"),
+        (f"{tag}: per step, ours synchronous (max_workers=1)",
+         f"{per['ours sync'] * k:.2f} {unit}, ratio {per['ours sync'] / per['diffusers']:.3f}x"),
+        (f"{tag}: images agree", f"max abs diff {diff:.1e} over {1 + 2 * case.repeats} seeds (image std {std:.3f})"),
         (f"{tag}: load + first call ({n1} steps)",
-         f"ours {first_ours:.2f} s (slowest nodes ms: {first}), diffusers {first_theirs:.2f} s "
-         f"(from_pretrained {load_theirs:.2f} s)"),
+         f"ours {t_first:.2f} s (slowest nodes: {', '.join(f'{s} {v:.2f}' for s, v in slowest)}), "
+         f"diffusers {t_load + t_theirs:.2f} s (from_pretrained {t_load:.2f})"),
         (f"{tag}: second call, new seed ({n1} steps)",
-         f"ours {t_second * k:.1f} {unit}, diffusers {t_theirs_n1 * k:.1f} {unit}, "
-         f"speed-up {t_theirs_n1 / t_second:.2f}x; ours executed {executed}"
-         f"{'' if set(executed) == SEED_ONLY else ' (UNEXPECTED)'}"),
-        (f"{tag}: ours second call by node (ms)", f"{nodes}; engine (validate, plan, dispatch) {engine_s * 1e3:.1f}"),
+         f"ours {t_second['ours'] * k:.1f} {unit} (sync {t_second['ours sync'] * k:.1f}), diffusers "
+         f"{theirs_n1 * k:.1f} {unit}, speed-up {theirs_n1 / t_second['ours']:.2f}x "
+         f"(sync {theirs_n1 / t_second['ours sync']:.2f}x)"),
+        (f"{tag}: ours second call executed (ms)",
+         f"{nodes}; engine (validate, plan, dispatch) {engine_s * 1e3:.1f}"
+         f"{'' if set(executed) == SEED_ONLY else f'; UNEXPECTED, executed {executed}'}"),
     ]
 
 
 # -- peak RSS, each in a fresh process -------------------------------------------------------------------------
 
 
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def peak_rss_mib() -> float:
+    """This process's peak RSS. Linux: ``VmHWM``, which starts afresh at ``exec``; ``ru_maxrss`` does not (the
+    kernel carries the parent's peak over into a child it forks), so it would read the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # macOS: bytes; elsewhere KiB
 
 
 def rss_child(side: str, case: Case) -> dict:
     """One load + one generation at N1 steps in this (fresh) process."""
-    import diffusers  # noqa: F401  both sides use the reference classes: import them before the baseline
-    import transformers  # noqa: F401
-
+    quiet()  # imports diffusers and transformers: both sides use their classes, so the baseline holds them
     if side == "diffusers":
-        base = rss_mib()
+        base = peak_rss_mib()
         image = run_theirs(load_pipeline(case), case, case.steps[0], seed=0)[1]
     else:
-        engine = Engine(device="cpu", model_roots=[case.root])
-        base = rss_mib()
+        engine = Engine(device="cpu", model_roots=[case.root])  # imports the node packs
+        base = peak_rss_mib()
         name = case.file if side == "ours-file" else case.name
         image = run_ours(engine, case, case.steps[0], seed=0, name=name)[1]
-    return {"base": base, "peak": rss_mib(), "std": float(image.std())}
+    return {"base": base, "peak": peak_rss_mib(), "std": float(image.std())}
 
 
 def bench_rss(case: Case, threads: int) -> list[tuple[str, str]]:
@@ -214,12 +256,11 @@ def bench_rss(case: Case, threads: int) -> list[tuple[str, str]]:
         g = got[side]
         return f"{g['peak']:.0f} MiB (after imports {g['base']:.0f}, +{g['peak'] - g['base']:.0f})"
 
-    ratio = got["ours"]["peak"] / got["diffusers"]["peak"]
-    ratio_file = got["ours-file"]["peak"] / got["diffusers"]["peak"]
+    theirs = got["diffusers"]["peak"]
     return [(f"{tag}: peak RSS, load + 1 call ({case.steps[0]} steps)",
-             f"ours {share('ours')}, diffusers {share('diffusers')}, ratio {ratio:.3f}x"),
+             f"ours {share('ours')}, diffusers {share('diffusers')}, ratio {got['ours']['peak'] / theirs:.3f}x"),
             (f"{tag}: peak RSS, ours from the single file",
-             f"{share('ours-file')}, ratio to diffusers {ratio_file:.3f}x")]
+             f"{share('ours-file')}, ratio to diffusers {got['ours-file']['peak'] / theirs:.3f}x")]
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------------
@@ -302,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         case = Case(args.name, args.family, args.root, args.name, args.size, (args.steps, args.steps), 1)
         print(json.dumps(rss_child(args.rss, case)))
         return 0
+    quiet()
     threads = torch.get_num_threads()
     rows: list[tuple[str, str]] = []
     started = time.perf_counter()

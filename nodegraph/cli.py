@@ -86,7 +86,7 @@ def _engine(args: argparse.Namespace):
     input_root = args.input_root
     if input_root is None:  # by default a graph reads its input files from its own folder
         graph = Path(args.graph)
-        input_root = graph.parent if graph.suffix in (".json", ".msgpack") else Path(".")
+        input_root = graph.parent if graph.suffix in (".json", ".msgpack", ".png") else Path(".")
     from .limits import DEFAULT_LIMITS
 
     limits = DEFAULT_LIMITS.with_(deadline_s=args.timeout) if getattr(args, "timeout", None) else DEFAULT_LIMITS
@@ -270,6 +270,47 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    """Convert another program's graph file (a pack's reader) to this engine's graph JSON, or to a named
+    intermediate form (``--api``: ComfyUI's API prompt)."""
+    from .errors import GraphValidationError
+    from .limits import DEFAULT_LIMITS
+    from .source import PNG_SIGNATURE, decode_json, read_graph_file
+
+    from .engine import Engine
+
+    registry = Engine(device="cpu", plugin_dirs=args.plugins).registry
+    reader = next((r for r in registry.readers if r.name == args.format), None)
+    if reader is None:
+        names = ", ".join(r.name for r in registry.readers) or "none"
+        return _print_invalid([Issue("unknown_format", f"no graph reader {args.format!r}", hint=f"readers: {names}")],
+                              args.json)
+    try:
+        data = read_graph_file(Path(args.file), DEFAULT_LIMITS)
+        doc: Any = data
+        if data[:8] != PNG_SIGNATURE:
+            doc, issues = decode_json(data.decode("utf-8-sig", errors="replace"), DEFAULT_LIMITS)
+            if doc is None or issues:
+                raise GraphValidationError(issues or [Issue("bad_json", "not JSON")])
+        if not reader.detect(doc):
+            raise GraphValidationError([Issue("bad_graph", f"{args.file} is not a {args.format} file")])
+        if args.api:
+            stage = reader.stages.get("api")
+            if stage is None:
+                raise GraphValidationError([Issue("bad_graph", f"the {args.format} reader has no API form")])
+            result = stage(doc)
+        else:
+            result = reader.convert(doc, registry)
+    except GraphValidationError as exc:
+        return _print_invalid(list(exc.issues), args.json)
+    text = json.dumps(result, indent=2) + "\n"
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nodegraph", description="Run generative-model pipelines written as JSON graphs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -304,6 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pack", default=None, help="only node types of this pack")
     common(sp)
     sp.set_defaults(fn=cmd_nodes)
+    sp = sub.add_parser("import", help="convert another program's graph file (e.g. a ComfyUI workflow)")
+    sp.add_argument("format", help="the reader, e.g. comfy")
+    sp.add_argument("file", help="the file (ComfyUI: UI workflow JSON, API prompt JSON or a PNG)")
+    sp.add_argument("-o", dest="output", default=None, metavar="OUT", help="write here instead of stdout")
+    sp.add_argument("--api", action="store_true", help="print the intermediate API prompt instead (ComfyUI)")
+    sp.add_argument("--json", action="store_true", help="errors as one JSON object on stdout")
+    common(sp)
+    sp.set_defaults(fn=cmd_import)
     sp = sub.add_parser("schema", help="print the graph JSON Schema")
     sp.set_defaults(fn=cmd_schema)
     return p

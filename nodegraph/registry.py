@@ -27,11 +27,11 @@ import os
 import sys
 import threading
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from . import types as T
 from .errors import PluginError
@@ -54,6 +54,16 @@ class PackFailure:
         return {"pack": self.pack, "source": self.source, "error": self.error}
 
 
+@dataclass(frozen=True)
+class GraphReader:
+    """A pack's reader of another program's graph format (see :meth:`Registry.add_reader`)."""
+
+    name: str
+    detect: Callable[[Any], bool]
+    convert: Callable[[Any, "Registry"], dict]
+    stages: dict[str, Callable[[Any], Any]] = field(default_factory=dict)  # intermediate forms, by name (CLI --api)
+
+
 class Registry:
     """Maps node type ids to :class:`NodeDef` and remembers which pack each came from."""
 
@@ -62,6 +72,7 @@ class Registry:
         self.packs: dict[str, list[str]] = {}
         self.failures: list[PackFailure] = []
         self.model_folders: list[tuple[str, Path]] = []  # (model folder kind, path) that packs ship
+        self.readers: list[GraphReader] = []  # other programs' graph formats, converted to ours (packs add them)
         self._lock = threading.RLock()
 
     # -- lookup ------------------------------------------------------------------------------------------
@@ -87,6 +98,7 @@ class Registry:
         new.packs.update({k: list(v) for k, v in self.packs.items()})
         new.failures.extend(self.failures)
         new.model_folders.extend(self.model_folders)
+        new.readers.extend(self.readers)
         return new
 
     # -- adding ------------------------------------------------------------------------------------------
@@ -116,6 +128,16 @@ class Registry:
             raise PluginError(f"unknown model folder {folder!r}; known: {sorted(MODEL_FOLDERS)}")
         with self._lock:
             self.model_folders.append((folder, Path(path)))
+
+    def add_reader(self, reader: "GraphReader") -> None:
+        """Let graph files of another program's format (detected from their content) run: ``reader.detect(doc)``
+        says whether a document (a decoded JSON value, or the raw bytes of a non-JSON file such as a PNG) is one,
+        ``reader.convert(doc, registry)`` returns the graph in this engine's format or raises
+        :class:`nodegraph.errors.GraphValidationError` with issues naming the foreign nodes."""
+        with self._lock:
+            if any(r.name == reader.name for r in self.readers):
+                raise PluginError(f"duplicate graph reader {reader.name!r}")
+            self.readers.append(reader)
 
     def add_module(self, module: ModuleType, pack: str | None = None) -> None:
         """Register every decorated function of a module (and its ``GRAPH_NODES``) as one pack."""
@@ -147,6 +169,8 @@ class Registry:
                 obj(staging, name) if takes_two(obj) else obj(staging)
                 self.add(list(staging._nodes.values()), name)
                 self.model_folders.extend(staging.model_folders)
+                for reader in staging.readers:
+                    self.add_reader(reader)
             else:
                 raise PluginError(f"entry point resolved to {type(obj).__name__}, expected a module or callable")
             return True

@@ -445,3 +445,39 @@ def output_name_problem(name: str) -> str | None:
     if size > 255:
         return f"has {size} bytes (at most 255)"
     return None
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_foreign(data: Any, readers: list, registry: Any, limits: Limits | None = None) -> Any:
+    """``data`` converted by the first pack reader that recognises it (another program's graph format), else
+    unchanged. A graph already in this engine's format (an object whose ``nodes`` is an object) is never offered
+    to a reader; what no reader takes is left for :func:`parse_graph` to report. A reader's failure is a
+    :class:`GraphValidationError` (exit 2), a crash in it is reported as one naming the reader."""
+    if not readers or isinstance(data, Graph):
+        return data
+    doc: Any = data
+    if isinstance(data, (bytes, bytearray, memoryview)) and bytes(data[:8]) == PNG_SIGNATURE:
+        doc = bytes(data)
+    elif isinstance(data, (bytes, bytearray, memoryview, str)):
+        try:
+            text = bytes(data).decode("utf-8-sig") if not isinstance(data, str) else data
+        except UnicodeDecodeError:
+            return data
+        doc, issues = decode_json(text, limits)
+        if doc is None or issues:
+            return data
+    if isinstance(doc, dict) and isinstance(doc.get("nodes"), dict):
+        return data
+    for reader in readers:
+        try:
+            if not reader.detect(doc):
+                continue
+            return reader.convert(doc, registry)
+        except GraphValidationError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a pack's bug must not escape as a traceback
+            raise GraphValidationError([Issue("bad_graph", f"the {reader.name} reader failed: "
+                                              f"{type(exc).__name__}: {_short(str(exc), 200)}")]) from None
+    return data

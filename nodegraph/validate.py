@@ -73,12 +73,12 @@ from pydantic import ValidationError as PydanticValidationError
 
 from . import serialize
 from . import types as T
-from .errors import Issue
+from .errors import GraphValidationError, Issue
 from .graph import LOOP_IMPLICIT, LOOP_OPTIONS, LOOP_TYPE, Graph, InputRef, Link, NodeSpec, Subgraph, literal_value
 from .limits import DEFAULT_LIMITS, Limits
 from .node import Context, NodeDef, parse_semver, takes_two
 from .registry import Registry
-from .source import _close, _short, apply_overrides, output_name_problem, parse_graph, parse_set
+from .source import _close, _short, apply_overrides, output_name_problem, parse_graph, parse_set, read_foreign
 
 __all__ = ["LOOP_IMPLICIT", "LOOP_OPTIONS", "LOOP_TYPE", "CheckedNode", "CheckedScope", "ValidationResult",
            "apply_overrides", "output_name_problem", "parse_graph", "parse_set", "validate"]
@@ -134,6 +134,10 @@ def validate(graph_data: Any, registry: Registry, overrides: Mapping[str, Any] |
 
     ``ctx`` carries the engine's roots and limits to the node types' ``resolve``/``refine`` hooks."""
     limits = limits_of(ctx)
+    try:
+        graph_data = read_foreign(graph_data, registry.readers, registry, limits)
+    except GraphValidationError as exc:
+        return ValidationResult(None, list(exc.issues))
     graph, issues = parse_graph(graph_data, limits)
     if graph is None:
         return ValidationResult(None, issues)

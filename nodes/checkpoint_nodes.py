@@ -471,3 +471,16 @@ def load_clip(name: Annotated[str, Field(description="a text encoder in text_enc
     except (LoadError, WeightsError, ValueError) as exc:
         raise InputError(str(exc), code="bad_checkpoint", port="name") from None
     return handles.ClipText(towers, comp.family.name, comp.family.time_ids)
+
+
+
+@node("latent.empty_sd", category="latent", output="latent",
+      cost=lambda lit: {"pixels": lit["width"] * lit["height"] * lit.get("batch", 1)})
+def empty_sd_latent(width: Annotated[int, Field(ge=8, le=16384)] = 512,
+                    height: Annotated[int, Field(ge=8, le=16384)] = 512,
+                    batch: Annotated[int, Field(ge=1, le=64)] = 1) -> T.Latent(channels=4):
+    """A zero latent of a Stable Diffusion VAE (8x downsampling) for a width x height image, without a VAE (ComfyUI's
+    EmptyLatentImage): sizes are rounded down to multiples of 8 as ComfyUI does."""
+    import torch
+
+    return torch.zeros(batch, 4, height // 8, width // 8)

@@ -58,3 +58,14 @@ def ancestral_split(sigma: Sigma, sigma_next: Sigma, eta: float = 1.0) -> tuple[
     sigma_up = torch.minimum(sigma_next, eta * posterior.clamp(min=0) ** 0.5)
     sigma_down = (sigma_next**2 - sigma_up**2).clamp(min=0) ** 0.5
     return sigma_down, sigma_up
+
+
+def log_lerp(sigma: Sigma, sigma_next: Sigma, r: float = 0.5) -> Tensor:
+    """The noise level a fraction ``r`` of the way from ``sigma`` to ``sigma_next`` in ``lambda = -log sigma``.
+
+    DPM-Solver's intermediate point (Lu et al. 2022), written as ComfyUI's DPM-Solver++ SDE writes it,
+    ``exp(-(lambda + r * (lambda_next - lambda)))``, so a Brownian-tree query there hits the same float.
+    0 when ``sigma_next`` is 0.
+    """
+    lam, lam_next = -torch.as_tensor(sigma).log(), -torch.as_tensor(sigma_next).log()
+    return (-(lam + r * (lam_next - lam))).exp()

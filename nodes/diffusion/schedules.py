@@ -33,7 +33,7 @@ from .math import append_zero
 Spacing = Literal["leading", "trailing", "linspace"]
 Spread = Literal["uniform", "karras", "exponential"]
 Final = Literal["zero", "sigma_min"]
-Interpolation = Literal["log", "linear"]
+Interpolation = Literal["log", "linear", "nearest"]
 SchedulerName = Literal["ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "flow_euler"]
 
 DEFAULT_SPACING: dict[str, Spacing] = {
@@ -136,9 +136,12 @@ def _interp_index(values: Tensor, table: Tensor) -> Tensor:
 
 
 def timestep_to_sigma(t: Tensor, train_sigmas: Tensor, interpolation: Interpolation = "linear") -> Tensor:
-    """Sigma at a (possibly fractional) timestep, interpolating ``train_sigmas`` linearly or in log-sigma."""
+    """Sigma at a (possibly fractional) timestep, interpolating ``train_sigmas`` linearly or in log-sigma
+    ("nearest": the sigma of the rounded timestep)."""
     t = torch.as_tensor(t, dtype=torch.float64)
     table = train_sigmas.to(torch.float64)
+    if interpolation == "nearest":
+        return table[t.round().clamp(0, table.numel() - 1).long()]
     table = table.log() if interpolation == "log" else table
     low = t.floor().clamp(0, table.numel() - 2).long()
     out = torch.lerp(table[low], table[low + 1], (t - low).clamp(0, 1))
@@ -146,8 +149,16 @@ def timestep_to_sigma(t: Tensor, train_sigmas: Tensor, interpolation: Interpolat
 
 
 def sigma_to_timestep(sigma: Tensor, train_sigmas: Tensor, interpolation: Interpolation = "log") -> Tensor:
-    """Inverse of ``timestep_to_sigma``; "log" is what k-diffusion and diffusers' Karras path use."""
+    """Inverse of ``timestep_to_sigma``; "log" is what k-diffusion and diffusers' Karras path use.
+
+    "nearest" is ComfyUI's discrete-model rule (``ModelSamplingDiscrete.timestep``): the index of the training
+    sigma nearest in log-sigma (the first on a tie), computed in the table's precision, as a float.
+    """
     sigma = torch.as_tensor(sigma)
+    if interpolation == "nearest":
+        table = train_sigmas.log()
+        dist = (sigma.to(table.dtype).clamp(min=1e-10).log()[..., None] - table).abs()
+        return dist.argmin(dim=-1).to(sigma.dtype if sigma.is_floating_point() else torch.float32)
     s, table = sigma.to(torch.float64), train_sigmas.to(torch.float64)
     if interpolation == "log":
         s, table = s.clamp(min=1e-10).log(), table.log()
@@ -157,17 +168,23 @@ def sigma_to_timestep(sigma: Tensor, train_sigmas: Tensor, interpolation: Interp
 
 # --------------------------------------------------------------------------------- sigma spreads
 def karras_sigmas(
-    n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, dtype: torch.dtype = torch.float32
+    n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, dtype: torch.dtype = torch.float32,
+    precision: torch.dtype = torch.float64,
 ) -> Tensor:
-    """``n`` sigmas uniform in ``sigma**(1/rho)`` from ``sigma_max`` to ``sigma_min`` (Karras et al. 2022, eq. 5)."""
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    """``n`` sigmas uniform in ``sigma**(1/rho)`` from ``sigma_max`` to ``sigma_min`` (Karras et al. 2022, eq. 5).
+
+    Computed in ``precision`` (float64, as diffusers' numpy; float32 is k-diffusion's and ComfyUI's arithmetic)."""
+    ramp = torch.linspace(0, 1, n, dtype=precision)
     lo, hi = float(sigma_min) ** (1 / rho), float(sigma_max) ** (1 / rho)
     return ((hi + ramp * (lo - hi)) ** rho).to(dtype)
 
 
-def exponential_sigmas(n: int, sigma_min: float, sigma_max: float, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``n`` sigmas uniform in log-sigma from ``sigma_max`` to ``sigma_min``."""
-    return torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp().to(dtype)
+def exponential_sigmas(
+    n: int, sigma_min: float, sigma_max: float, dtype: torch.dtype = torch.float32,
+    precision: torch.dtype = torch.float64,
+) -> Tensor:
+    """``n`` sigmas uniform in log-sigma from ``sigma_max`` to ``sigma_min``, computed in ``precision``."""
+    return torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=precision).exp().to(dtype)
 
 
 def shift_sigmas(sigmas: Tensor, shift: float) -> Tensor:

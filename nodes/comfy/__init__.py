@@ -1,0 +1,1 @@
+"""Readers for ComfyUI files: workflows saved by its web frontend (UI graphs and API prompts, as JSON or embedded in PNGs), converted to the API prompt form without torch or a running ComfyUI; see :mod:`nodes.comfy.workflow`."""
