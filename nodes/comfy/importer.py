@@ -90,7 +90,7 @@ def ksampler_parts(b: Build, nid: str, model: Any, positive: Any, negative: Any,
                    steps: Any, cfg: Any, sampler: str, scheduler: str, denoise: Any) -> tuple[str, str]:
     """ComfyUI's KSampler as our nodes: its schedule, its noise from the seed, the start latent, CFG, the sampler."""
     b.add(f"{nid}.sigmas", "schedule.comfy", {"model": model, "steps": steps, "scheduler": scheduler,
-                                              "denoise": denoise})
+                                              "denoise": denoise, "sampler": sampler})
     b.add(f"{nid}.noise", "latent.noise", {"like": latent, "seed": seed})
     b.add(f"{nid}.start", "latent.add_noise", {"model": model, "latent": latent,
                                                "noise": ref(f"{nid}.noise", "noise"),

@@ -11,8 +11,8 @@ flow-matching Euler = Euler (its velocity ``noise - x0`` is ``(x - x0) / t``). D
 integrator update ``(s'/s) x - expm1(-h) x0`` is the Euler step with that x0, so DPM-Solver++(2S) and the
 stochastic DPM-Solver++ are Euler (ancestral) steps with a better x0.
 
-Where k-diffusion and ComfyUI differ, these follow ComfyUI: the last step to sigma 0 of LMS, DPM-Solver++ SDE,
-DPM-Solver++(2M) SDE and LCM returns the x0 prediction (k-diffusion takes an LMS step there).
+Where k-diffusion and ComfyUI differ these follow ComfyUI: the step to sigma 0 of LMS and DPM-Solver++ SDE
+returns the x0 prediction (k-diffusion takes an LMS / Euler step there), as do DPM-Solver++(2M) SDE and LCM.
 
 Heun, DPM-Solver-2 and DPM-Solver++(2S)/SDE need the denoiser twice per step (the step node calls it at the
 point the step names: ``euler_step`` for Heun, ``dpm_2_midpoint`` for the others). A loop body calls::

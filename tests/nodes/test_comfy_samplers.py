@@ -55,7 +55,7 @@ SCHEDULERS = list(comfy.SCHEDULERS)
 def load_k_diffusion_sampling() -> types.ModuleType:
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("k-diffusion is not installed")
+        pytest.skip("k-diffusion is not installed", allow_module_level=True)
     pkg, utils = types.ModuleType("_kdiff"), types.ModuleType("_kdiff.utils")
     pkg.__path__ = []
     utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
