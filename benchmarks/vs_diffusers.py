@@ -2,8 +2,9 @@
 
 Ours is ``graphs/checkpoint_txt2img.json`` through an :class:`nodegraph.Engine`; theirs is the diffusers pipeline
 loaded from the same diffusers folder (``from_pretrained(local_files_only=True)``, Euler, CFG, float32, CPU
-generator). Both run the same U-Net, text encoder and VAE objects' classes on the same weights and settings, and
-every timed pair of calls uses one seed, so each row also checks that the two images agree (max abs difference).
+generator). Both run diffusers' U-Net and VAE and transformers' CLIP on the same weights and settings, and every
+timed call of both sides uses one seed, so each row also checks that the images agree (max abs difference): a
+row never compares different work.
 
 1. Wall time per sampling step: (t(N2) - t(N1)) / (N2 - N1), each t the minimum over the repeats of a whole call
    (a fresh seed each call, so ours never answers from its cache). Fixed costs (prompt encoding, decoding,
@@ -19,14 +20,18 @@ every timed pair of calls uses one seed, so each row also checks that the two im
 
 Rows: the tiny SD1.x, SD2.x (v) and SDXL checkpoints of ``tests/nodes/sd_fixtures.py`` (64x64, 4 vs 12 steps)
 and, with ``--real``, random weights in the real SD1.5 architecture (860M-parameter U-Net, the SD1.5 VAE,
-CLIP ViT-L/14 text encoder; 512x512, 2 vs 3 steps, one repeat), written as a diffusers folder and a single file.
+CLIP ViT-L/14 text encoder; 512x512, 2 vs 3 steps), written as a diffusers folder and a single file.
 
-Run: ``python benchmarks/vs_diffusers.py [--quick | --real] [--repeats 3] [--threads N] [--cache DIR]``
+Run: ``python benchmarks/vs_diffusers.py [--quick | --real] [--repeats 3] [--real-repeats 1] [--threads N]
+[--cache DIR]``
 
-* ``--quick``: the tiny rows only (about 1-2 minutes on 2 CPU cores).
-* ``--real`` (the default): also the real-size row: about 9 GB of disk (folder and file, 4.3 GB each) and 10 GB of
-  memory, 15-20 minutes on 2 busy CPU cores (a few minutes on a 16-core machine); most of it is the 512x512
-  U-Net and VAE calls (6 calls each side, 3 more in the RSS subprocesses).
+* ``--quick``: the tiny rows only: about 2 minutes on 2 busy CPU cores (per row ~10 s of timing, ~30 s for the
+  three RSS subprocesses; ~15 s to build the three checkpoints).
+* ``--real`` (the default): also the real-size row: 8 GB of disk (folder and file, 4 GB each), about 7 GB of
+  memory at the peak (the two sides map the same weight files), 14 minutes on 2 busy CPU cores: building and
+  writing the checkpoint ~1 min, timing ~7 min (each side: a first call and ``--real-repeats`` calls at 2 and at
+  3 steps), RSS ~4 min (three subprocesses, each a load and a 2-step call). Most of it is the 512x512 U-Net
+  (~10 s per batched call on 2 cores) and VAE decode (~18 s).
 * ``--cache DIR``: build the real-size checkpoint in DIR and keep it (reused when already there); without it
   the checkpoint goes to a temporary folder deleted at the end.
 * ``--threads N``: torch's intra-op threads (default: torch's own choice), the same for both sides and passed on
@@ -41,7 +46,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -160,6 +164,7 @@ def bench_case(case: Case) -> list[tuple[str, str]]:
     pipe = load_pipeline(case)
     t_load = time.perf_counter() - t0
     t_theirs, theirs = run_theirs(pipe, case, n1, seed=0)
+    log(f"{case.label}: load + first call: ours {t_first:.3f} s, diffusers {t_load + t_theirs:.3f} s")
     diff, std = float((ours - theirs).abs().max()), float(theirs.std())
     times = {(side, n): [] for side in SIDES for n in (n1, n2)}
     second = {side: [] for side in SIDES[:2]}  # (seconds, report) of ours' calls that change only the seed
@@ -330,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the tiny rows only")
     mode.add_argument("--real", action="store_true", help="also the real SD1.5-size row (the default)")
-    ap.add_argument("--repeats", type=int, default=3, help="calls per step count for the tiny rows (real size: 1)")
+    ap.add_argument("--repeats", type=int, default=3, help="calls per step count, tiny rows")
+    ap.add_argument("--real-repeats", type=int, default=1, help="calls per step count, real-size row")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--cache", type=Path, help="keep the real-size checkpoint in this folder and reuse it")
     ap.add_argument("--rss", choices=("ours", "ours-file", "diffusers"), help=argparse.SUPPRESS)
@@ -354,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quick:
             real_root = args.cache or Path(tmp) / "real"
             build_real(real_root)
-            cases.append(Case("SD1.5 size (random weights)", "sd1", real_root, REAL_NAME, 512, (2, 3), 1))
+            cases.append(Case("SD1.5 size (random weights)", "sd1", real_root, REAL_NAME, 512, (2, 3),
+                               args.real_repeats))
         for case in cases:
             t0 = time.perf_counter()
             rows.extend(bench_case(case))

@@ -6,8 +6,10 @@ Policy
    *cached*: its value is taken and its ancestors are not visited. Every other visited step must *run*.
 2. **Schedule.** Steps whose inputs are all available are *ready*. The main loop hands ready steps to
    ``submit`` (at most ``max_workers`` in flight), then blocks on the completion queue. Independent branches
-   therefore run concurrently with the threaded submit; the synchronous submit runs each step inline (the easy
-   one to debug); a remote executor would submit to workers and report on the same queue.
+   therefore run concurrently with the threaded submit; a step that is the only one runnable runs inline on the
+   calling thread (torch's intra-op threads run slower from a pool worker, and a lone step gains nothing from the
+   pool); the synchronous submit runs every step inline (the easy one to debug); a remote executor would submit
+   to workers and report on the same queue.
 3. **Finish.** A finished step's outputs go to the cache at once (so a later failure or cancellation keeps
    them: the rerun resumes) and its dependents' wait counts drop. A value no remaining step needs is released
    from the run state (the cache may still hold it, within its budget).
@@ -273,7 +275,12 @@ class LocalExecutor:
                 state.running.add(sid)
                 inputs = self._inputs(plan.steps[sid], state.values)
                 emit("started", sid, type=plan.steps[sid].type)
-                submit(lambda s=sid, i=inputs: done_q.put(self._execute(plan.steps[s], i, wanted[s], state)))
+                # The only runnable step runs on this thread: torch's intra-op threads in a pool worker contend
+                # with the caller's OpenMP team (measured 3x slower per U-Net call on 2 cores), and a lone step
+                # gains nothing from the pool. Independent steps still run concurrently.
+                alone = not state.ready and len(state.running) == 1
+                (synchronous_submit if alone else submit)(
+                    lambda s=sid, i=inputs: done_q.put(self._execute(plan.steps[s], i, wanted[s], state)))
             if not state.running:
                 break
             try:
