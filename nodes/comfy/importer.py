@@ -77,6 +77,23 @@ def _lora(b: Build, nid: str, inputs: dict[str, Any]) -> list:
     return [(nid, "model"), (nid, "clip")]
 
 
+CLIP_FAMILIES = {"stable_diffusion": "sd1", "sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl"}  # CLIPLoader's type
+
+
+def _clip_loader(b: Build, nid: str, inputs: dict[str, Any]) -> list:
+    names = [inputs.get("clip_name"), inputs.get("clip_name1"), inputs.get("clip_name2")]
+    names = [n for n in names if n is not None]
+    kind = inputs.get("type", "stable_diffusion")
+    family = CLIP_FAMILIES.get(kind)
+    if family is None:
+        b.issues.append(Issue("unknown_type", f"CLIP type {kind!r} is not supported (supported: "
+                              f"{', '.join(sorted(CLIP_FAMILIES))})", nid, "type"))
+        family = "sd1"
+    b.add(nid, "checkpoint.load_clip", {"name": names[0] if names else None,
+                                        **({"name2": names[1]} if len(names) > 1 else {}), "family": family})
+    return [(nid, "clip")]
+
+
 def _empty_latent(b: Build, nid: str, inputs: dict[str, Any]) -> list:
     b.add(nid, "latent.empty_sd", {"width": inputs.get("width", 512), "height": inputs.get("height", 512),
                                    "batch": inputs.get("batch_size", 1)})
@@ -135,6 +152,10 @@ TYPES: dict[str, ComfyType] = {
     "VAEDecode": ComfyType((), ("image",), _single("vae.decode", {"vae": "vae", "samples": "latent"}, "image")),
     "VAEEncode": ComfyType((), ("latent",), _single("vae.encode", {"vae": "vae", "pixels": "image"}, "latent")),
     "VAELoader": ComfyType(("vae_name",), ("vae",), _single("checkpoint.load_vae", {"vae_name": "name"}, "vae")),
+    "UNETLoader": ComfyType(("unet_name", "weight_dtype"), ("model",),
+                            _single("checkpoint.load_unet", {"unet_name": "name"}, "model")),
+    "CLIPLoader": ComfyType(("clip_name", "type", "device"), ("clip",), _clip_loader),
+    "DualCLIPLoader": ComfyType(("clip_name1", "clip_name2", "type", "device"), ("clip",), _clip_loader),
     "LoraLoader": ComfyType(("lora_name", "strength_model", "strength_clip"), ("model", "clip"), _lora),
     "LoadImage": ComfyType(("image", "upload"), ("image", "mask"), _single("image.load", {"image": "path"}, "image")),
     "SaveImage": ComfyType(("filename_prefix",), (), _save, output_node=True),

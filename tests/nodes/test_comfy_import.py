@@ -123,3 +123,27 @@ def test_the_default_ui_template_runs_as_it_is(engine, root, tmp_path):
                                                           "SaveImage", "CLIPTextEncode", "EmptyLatentImage"}
     result = engine.run(template, {"5.width": 64, "5.height": 64, "3.sigmas.steps": 3})
     assert (tmp_path / "SD1.5_00001_.png").is_file() and "9_images" in result.outputs
+
+
+def test_component_loaders_map_onto_the_checkpoint_component_nodes():
+    from nodegraph.errors import GraphValidationError
+    from nodes.comfy.importer import api_to_graph
+
+    prompt = default_prompt()
+    prompt["4"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "sdxl-unet.safetensors",
+                                                          "weight_dtype": "default"}}
+    prompt["10"] = {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
+                                                               "clip_name2": "clip_g.safetensors", "type": "sdxl"}}
+    prompt["11"] = {"class_type": "VAELoader", "inputs": {"vae_name": "sdxl_vae.safetensors"}}
+    for nid in ("6", "7"):
+        prompt[nid]["inputs"]["clip"] = ["10", 0]
+    prompt["8"]["inputs"]["vae"] = ["11", 0]
+    nodes = api_to_graph(prompt)["nodes"]
+    assert nodes["4"] == {"type": "checkpoint.load_unet", "inputs": {"name": "sdxl-unet.safetensors"}}
+    assert nodes["10"]["inputs"] == {"name": "clip_l.safetensors", "name2": "clip_g.safetensors", "family": "sdxl"}
+    assert nodes["6"]["inputs"]["clip"] == {"node": "10", "output": "clip"}
+    assert nodes["8"]["inputs"]["vae"] == {"node": "11", "output": "vae"}
+    prompt["10"]["inputs"]["type"] = "flux"
+    with pytest.raises(GraphValidationError) as err:
+        api_to_graph(prompt)
+    assert [(i.code, i.node, i.port) for i in err.value.issues] == [("unknown_type", "10", "type")]
