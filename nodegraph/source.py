@@ -469,7 +469,7 @@ def read_foreign(data: Any, readers: list, registry: Any, limits: Limits | None 
         if doc is None or issues:
             return data
     if isinstance(doc, dict) and isinstance(doc.get("nodes"), dict):
-        return data
+        return doc  # ours, decoded and checked once here: parse_graph takes the document as it is
     for reader in readers:
         try:
             if not reader.detect(doc):

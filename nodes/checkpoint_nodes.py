@@ -127,7 +127,8 @@ def load_checkpoint(
                                 p.spec.pooled, p.spec.role) for p in det.text]
     except (LoadError, WeightsError, ValueError) as exc:
         raise InputError(str(exc), code="bad_checkpoint", port="name") from None
-    model = handles.denoiser_for(det, unet)
+    model = handles.denoiser_for(unet, det.family, det.prediction, dict(det.scheduler),
+                                 2 ** (len(det.vae["block_out_channels"]) - 1))
     clip = handles.ClipText(towers, det.family.name, det.family.time_ids)
     return {"model": model, "clip": clip, "vae": handles.KLVAE(vae, det.family.space)}
 
@@ -254,6 +255,8 @@ def lora_apply(model: M, clip: T.TextEncoder(dim=D, family=F),
     float32. The inputs are left untouched (the outputs are new models sharing every weight the LoRA does not
     patch), and the result is cached like any node output: the same stack costs nothing the second time, and
     changing one LoRA's strength re-merges only that LoRA and those after it."""
+    import torch
+
     from .checkpoints import handles
     from .checkpoints.header import load_tensors, read_header
     from .checkpoints.keymaps import unet_map
@@ -275,25 +278,17 @@ def lora_apply(model: M, clip: T.TextEncoder(dim=D, family=F),
         merged = merged_weights(patches, params, strength_model, strength_text)
     except LoraError as exc:
         raise InputError(f"LoRA {name!r}: {exc}", code="bad_lora", port="name") from None
-    copies = {role: handles.shared_copy(part) for role, part in parts.items()
-              if any(k.startswith(role + ".") and merged[k] is not params[k] for k in merged)}
+    changed = {key.split(".", 1)[0] for key in merged if merged[key] is not params[key]}
+    new_model = handles.shared_copy(model) if "unet" in changed else model  # the wrapper and its net, weights shared
+    copies = {"unet": new_model.net} if "unet" in changed else {}
+    copies.update({t.role: handles.shared_copy(t.model) for t in clip.towers if t.role in changed})
     for key, weight in merged.items():
         role, path = key.split(".", 1)
-        if role in copies and weight is not params[key]:
+        if weight is not params[key]:
             owner, leaf = path.rsplit(".", 1)
-            copies[role].get_submodule(owner).register_parameter(leaf, torch_parameter(weight))
-    new_model = model
-    if "unet" in copies:
-        new_model = handles.shared_copy(model)
-        new_model.net = copies["unet"]
+            copies[role].get_submodule(owner).register_parameter(leaf, torch.nn.Parameter(weight, requires_grad=False))
     towers = [handles.replace(t, model=copies.get(t.role, t.model)) for t in clip.towers]
     return {"model": new_model, "clip": handles.ClipText(towers, clip.family, clip.time_ids)}
-
-
-def torch_parameter(weight: Any) -> Any:
-    import torch
-
-    return torch.nn.Parameter(weight, requires_grad=False)
 
 
 # -- ControlNet ----------------------------------------------------------------------------------------------
@@ -426,11 +421,7 @@ def load_unet(name: Annotated[str, Field(description="a U-Net in diffusion_model
         net = unet_from(comp.config, comp.header, comp.prefix, comp.layout, getattr(torch, dtype))
     except (LoadError, WeightsError, ValueError) as exc:
         raise InputError(str(exc), code="bad_checkpoint", port="name") from None
-    info = handles.DenoiserInfo(prediction=comp.prediction, train_schedule="sd15", latent_space=comp.family.space,
-                                interpolation="linear")
-    sched = comp.scheduler
-    return handles.UNetDenoiser(net, info, handles.train_schedule(sched), handles.sampling_defaults(sched),
-                                comp.family.name, 8, comp.family.time_ids)
+    return handles.denoiser_for(net, comp.family, comp.prediction, comp.scheduler)
 
 
 @node("checkpoint.load_vae", category="model", output="vae", **_vae_hooks)

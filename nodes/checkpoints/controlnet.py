@@ -134,12 +134,7 @@ def _detect_folder(name: str, folder: Path) -> ControlNetDetected:
 def _with_conventions(name: str, config: dict[str, Any]) -> Family:
     """The family of an inferred config, with the family's conventions written into it."""
     fam = family_of(name, config)
-    heads = fam.unet_heads
-    channels = list(config["block_out_channels"])
-    fixed = heads["rule"] == "fixed"
-    config["attention_head_dim"] = heads["value"] if fixed else [c // heads["value"] for c in channels]
-    if fam.upcast_attention:
-        config["upcast_attention"] = True
+    fam.unet_conventions(config, sample_size=False)
     if fam.time_ids:
         width = config["projection_class_embeddings_input_dim"]
         if width <= fam.time_ids * SDXL_TIME_EMBED:

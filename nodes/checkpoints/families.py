@@ -74,6 +74,18 @@ class Family:
     time_ids: int = 0
     upcast_attention: bool = False
 
+    def unet_conventions(self, config: dict[str, Any], sample_size: bool = True) -> None:
+        """Write what a U-Net's (or ControlNet's) tensors do not say into its inferred config: the family's heads,
+        attention upcast and, for a U-Net, its native sample size."""
+        heads = self.unet_heads
+        channels = list(config["block_out_channels"])
+        config["attention_head_dim"] = heads["value"] if heads["rule"] == "fixed" else [c // heads["value"]
+                                                                                        for c in channels]
+        if self.upcast_attention:
+            config["upcast_attention"] = True
+        if sample_size:
+            config["sample_size"] = self.sample_size
+
 
 @functools.lru_cache(maxsize=1)
 def _data() -> dict[str, Any]:
@@ -146,12 +158,7 @@ def detect_file(name: str, path: Path, prediction: str = "auto") -> Detected:
                                     f"known: {KNOWN}")
     unet, layout = unet_config(header, UNET_PREFIX)
     fam = unet_family(name, unet, header)
-    heads = fam.unet_heads
-    channels = list(unet["block_out_channels"])
-    unet["attention_head_dim"] = heads["value"] if heads["rule"] == "fixed" else [c // heads["value"] for c in channels]
-    unet["sample_size"] = fam.sample_size
-    if fam.upcast_attention:
-        unet["upcast_attention"] = True
+    fam.unet_conventions(unet)
     if not header.has_prefix(VAE_PREFIX):
         raise CheckpointFormatError(f"{name!r} has a U-Net but no VAE (first_stage_model.*); load the VAE from vae/")
     vae, vae_shape = vae_config(header, VAE_PREFIX, fam.vae_scale)
@@ -561,11 +568,7 @@ def detect_unet(name: str, path: Path, family_name: str = "auto", prediction: st
             config["addition_time_embed_dim"] = 256  # sgm's size/crop embedding width (not in any tensor shape)
     fam = family(family_name) if family_name != "auto" else unet_family(name, config, None)
     if not path.is_dir():
-        heads = fam.unet_heads
-        channels = list(config["block_out_channels"])
-        config["attention_head_dim"] = heads["value"] if heads["rule"] == "fixed" else [c // heads["value"]
-                                                                                        for c in channels]
-        config["sample_size"] = fam.sample_size
+        fam.unet_conventions(config)
     pred = prediction if prediction in ("eps", "v") else ("v" if fam.name == "sd2" else "eps")
     return Component(name, path, fam, config, header, prefix, layout, pred)
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..adapters import DenoiserInfo, DenoiserModel, SamplingDefaults
 from ..diffusion.schedules import TrainSchedule
-from .families import Detected, TextPart
+from .families import Family, TextPart
 from .keymaps import UNetLayout
 from .prompt import apply_weights, frame_tensors, frame_weighted, needs_empty, weighted_ids
 from .tokenizer import ClipTokenizer
@@ -63,10 +63,7 @@ class UNetDenoiser(DenoiserModel):
     @property
     def layout(self) -> UNetLayout:
         """The U-Net's level layout (for the original-layout names of its modules, e.g. in SDXL LoRA files)."""
-        cfg = self.net.config
-        return UNetLayout(attention=tuple(t.startswith("CrossAttn") for t in cfg.down_block_types),
-                          layers_per_block=int(cfg.layers_per_block),
-                          time_cond=cfg.addition_embed_type == "text_time")
+        return UNetLayout.of(self.net.config)
 
     def network_inputs(self, x: Tensor, sigma: Tensor | float,
                        cond: dict[str, Any] | None = None) -> tuple[Tensor, Tensor, dict[str, Any]]:
@@ -132,12 +129,13 @@ class UNetDenoiser(DenoiserModel):
                          "checkpoint needs its prompt and negative conditioned with inpaint.condition")
 
 
-def denoiser_for(det: Detected, net: nn.Module) -> UNetDenoiser:
-    info = DenoiserInfo(prediction=det.prediction, train_schedule="sd15", latent_space=det.family.space,
-                        interpolation="linear")
-    factor = 2 ** (len(det.vae["block_out_channels"]) - 1)
-    return UNetDenoiser(net, info, train_schedule(dict(det.scheduler)), sampling_defaults(dict(det.scheduler)),
-                        det.family.name, factor, det.family.time_ids)
+def denoiser_for(net: nn.Module, family: Family, prediction: str, scheduler: dict[str, Any],
+                 pixel_factor: int = 8) -> UNetDenoiser:
+    """A checkpoint's U-Net as a denoiser: its family's latent space and size ids, the training schedule and the
+    spacing rules of its scheduler config, diffusers' linear sigma -> timestep rule."""
+    info = DenoiserInfo(prediction=prediction, latent_space=family.space, interpolation="linear")
+    return UNetDenoiser(net, info, train_schedule(scheduler), sampling_defaults(scheduler), family.name,
+                        pixel_factor, family.time_ids)
 
 
 def shared_copy(module: nn.Module) -> nn.Module:
@@ -205,11 +203,12 @@ class ClipText:
     def _tower(self, tower: Tower, text: str) -> tuple[Tensor, Tensor]:
         frames = frame_weighted(weighted_ids(tower.tokenizer, text), tower.tokenizer, truncate=False)
         ids, weights = frame_tensors(frames)
-        if needs_empty(frames):
+        weighted = needs_empty(frames)
+        if weighted:
             empty, _ = frame_tensors(frame_weighted([], tower.tokenizer, truncate=True))
             ids = torch.cat([ids, empty])
         hidden, pooled = self._run(tower, ids)
-        if needs_empty(frames):
+        if weighted:
             hidden, empty_hidden = hidden[:-1], hidden[-1:]
             hidden = apply_weights(hidden, empty_hidden, weights.to(hidden.device))
         return hidden.reshape(1, -1, hidden.shape[-1]), pooled[:1]

@@ -14,7 +14,7 @@ files through :meth:`KeyMap.to_original` and check that converting back is the i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -148,6 +148,13 @@ class UNetLayout:
     layers_per_block: int
     mid_attention: bool = True
     time_cond: bool = False  # SDXL's add_embedding (ldm label_emb)
+
+    @classmethod
+    def of(cls, config: Any) -> "UNetLayout":
+        """The layout of a diffusers ``UNet2DConditionModel`` config (an object or a dict)."""
+        get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+        return cls(attention=tuple(t.startswith("CrossAttn") for t in get("down_block_types")),
+                   layers_per_block=int(get("layers_per_block")), time_cond=get("addition_embed_type") == "text_time")
 
 
 def unet_map(layout: UNetLayout, controlnet: bool = False) -> KeyMap:

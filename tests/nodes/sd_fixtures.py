@@ -115,9 +115,7 @@ def unet(family: str, in_channels: int = 4, seed: int = 0):
 
 
 def layout(net) -> UNetLayout:
-    cfg = net.config
-    return UNetLayout(attention=tuple(t.startswith("CrossAttn") for t in cfg.down_block_types),
-                      layers_per_block=cfg.layers_per_block, time_cond=cfg.addition_embed_type == "text_time")
+    return UNetLayout.of(net.config)
 
 
 def hf_names(state: dict) -> dict:

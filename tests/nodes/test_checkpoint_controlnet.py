@@ -232,7 +232,8 @@ def test_an_sdxl_controlnet_on_sd1_is_refused_naming_both(cn_root, engine):
     errors = [i for i in result.issues if i.code == "type_mismatch"]
     assert errors and errors[0].node == "control" and "sdxl" in errors[0].message and "sd15" in errors[0].message
     # the handles themselves refuse too (a plain Python call, or a U-Net of the same latent space)
-    sd1 = denoiser_for(detect("sd1", cks["sd1"].file), build_unet(detect("sd1", cks["sd1"].file)))
+    det = detect("sd1", cks["sd1"].file)
+    sd1 = denoiser_for(build_unet(det), det.family, det.prediction, dict(det.scheduler))
     sdxl_cn = load_controlnet(resolve_controlnet("x", files["sdxl-a"]["folder"]))
     with pytest.raises(ValueError, match="Stable Diffusion XL base but the U-Net is Stable Diffusion 1.x") as exc:
         Controlled(sd1, sdxl_cn, control_image())
